@@ -1,0 +1,9 @@
+"""unispeech-kernels: fast kernels for UniSpeech and wav2vec2-family speech models."""
+from .dispatch import BackendUnavailableError
+from .ops.attention import attention
+from .ops.feature_encoder import feature_encoder
+from .ops.pos_conv import fold_weight_norm, pos_conv_embed
+
+__version__ = "0.1.0"
+__all__ = ["attention", "feature_encoder", "pos_conv_embed", "fold_weight_norm",
+           "BackendUnavailableError", "__version__"]

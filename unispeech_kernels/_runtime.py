@@ -1,0 +1,48 @@
+"""Facts about this process that backends check: is Triton importable, are we interpreting,
+which GPU is this. Each helper returns ``None`` when fine, else a reason string."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def triton_import_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"triton not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_device_reason(*tensors: torch.Tensor, min_capability=(8, 0)) -> Optional[str]:
+    """Can Triton kernels run on the device of these tensors?"""
+    reason = triton_import_reason()
+    if reason:
+        return reason
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    (device,) = devices
+    if device.type == "cpu":
+        return None if interpret_mode() else "CPU tensors need TRITON_INTERPRET=1 for Triton"
+    if device.type != "cuda":
+        return f"device {device.type} is not supported by Triton kernels"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < min_capability:
+        return f"compute capability {cap[0]}.{cap[1]} < {min_capability[0]}.{min_capability[1]}"
+    return None
+
+
+def interpret_upcast_bf16(dtype: torch.dtype) -> bool:
+    """Under the interpreter ``tl.dot`` on bf16 operands is wrong: kernels upcast them to fp32."""
+    return interpret_mode() and dtype == torch.bfloat16

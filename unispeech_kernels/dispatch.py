@@ -1,0 +1,104 @@
+"""Declarative backend dispatch shared by every op.
+
+Each op owns an ``Op`` registry. A backend registers an implementation and a ``check`` that
+returns ``None`` when it can run the given inputs, or a short human-readable reason when it
+cannot. ``Op.__call__`` picks the first backend (in preference order) whose check passes; a
+forced backend (argument or environment variable) that cannot run the input raises one
+``BackendUnavailableError`` listing why every backend was rejected. Nothing falls back silently:
+the reasons of the last selection are kept (``Op.last_reasons``) and logged at debug level.
+
+Environment override: ``UNISPEECH_KERNELS_BACKEND=triton`` forces every op;
+``UNISPEECH_KERNELS_BACKEND=attention=torch,pos_conv=triton`` forces single ops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+log = logging.getLogger("unispeech_kernels.dispatch")
+
+BACKEND_NAMES = ("cuda", "triton", "torch")  # preference order
+ENV_VAR = "UNISPEECH_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run the given input; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    impl: Callable
+    check: Callable[..., Optional[str]]  # same arguments as impl -> None or the reason it can't
+
+
+def env_override(op_name: str) -> Optional[str]:
+    """The backend forced for ``op_name`` by the environment variable, if any."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    forced = None
+    for part in value.split(","):
+        part = part.strip()
+        if "=" in part:
+            op, name = (s.strip() for s in part.split("=", 1))
+            if op == op_name:
+                forced = name
+        elif part:
+            forced = part
+    if forced is not None and forced not in BACKEND_NAMES:
+        raise ValueError(f"{ENV_VAR}={value!r}: unknown backend {forced!r}; valid: {BACKEND_NAMES}")
+    return forced
+
+
+class Op:
+    """Registry of the backends of one op, in preference order cuda > triton > torch."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.backends: dict[str, Backend] = {}
+        self.last_reasons: dict[str, Optional[str]] = {}
+
+    def register(self, name: str, check: Callable[..., Optional[str]]):
+        """Decorator: ``@op.register("triton", check=fn)`` on the implementation."""
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; valid: {BACKEND_NAMES}")
+
+        def deco(impl):
+            self.backends[name] = Backend(name, impl, check)
+            return impl
+
+        return deco
+
+    def reasons(self, *args, **kwargs) -> dict[str, Optional[str]]:
+        """For each known backend: None if it can run these inputs, else why not."""
+        out = {}
+        for name in BACKEND_NAMES:
+            b = self.backends.get(name)
+            out[name] = "not implemented for this op" if b is None else b.check(*args, **kwargs)
+        return out
+
+    def select(self, backend: Optional[str], *args, **kwargs) -> Backend:
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise ValueError(f"{self.name}: unknown backend {backend!r}; valid: {BACKEND_NAMES} or None")
+        forced = backend or env_override(self.name)
+        reasons = self.reasons(*args, **kwargs)
+        self.last_reasons = reasons
+        if forced is not None:
+            if reasons[forced] is None:
+                return self.backends[forced]
+            listing = "; ".join(f"{n}: {r or 'ok'}" for n, r in reasons.items())
+            raise BackendUnavailableError(
+                f"{self.name}: backend {forced!r} cannot run this input ({listing})")
+        for name in BACKEND_NAMES:
+            if reasons[name] is None:
+                log.debug("%s -> %s (rejected: %s)", self.name, name,
+                          {n: r for n, r in reasons.items() if r})
+                return self.backends[name]
+        listing = "; ".join(f"{n}: {r}" for n, r in reasons.items())
+        raise BackendUnavailableError(f"{self.name}: no backend can run this input ({listing})")
+
+    def __call__(self, *args, backend: Optional[str] = None, **kwargs):
+        return self.select(backend, *args, **kwargs).impl(*args, **kwargs)

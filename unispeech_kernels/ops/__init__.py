@@ -1,0 +1,1 @@
+"""One op per file: torch reference, kernels, launchers, autograd, torch.library op, entry point."""

@@ -1,0 +1,125 @@
+"""Convolutional feature encoder: a stack of Conv1d (+ norm) + activation layers.
+
+Shapes: input_values [B, L] (raw audio) -> features [B, T, C] (channels-last, what the model wants).
+Layer i: conv_weights[i] [C_out, C_in, K_i] (C_in = 1 for layer 0), stride conv_strides[i],
+optional bias [C_out]. norm_mode "group": GroupNorm(C, C) (each channel over time) after layer 0
+only, norm_weights/norm_biases hold one tensor each; "layer": LayerNorm over channels after every
+layer, one tensor per layer. Activation after every layer.
+
+input_lengths (samples, [B]) is only used with batch_invariant=True: the group-norm statistics
+are then taken over each utterance's real frames, so a padded batch equals single-utterance runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import get_activation
+from ..dispatch import Op
+
+
+def conv_output_length(length, kernel_sizes: Sequence[int], strides: Sequence[int]):
+    """Frames after the conv stack (no padding): floor((L - K) / S) + 1 per layer; ints or tensors."""
+    for k, s in zip(kernel_sizes, strides):
+        length = torch.div(length - k, s, rounding_mode="floor") + 1 if torch.is_tensor(length) \
+            else (length - k) // s + 1
+    return length
+
+
+def receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int]) -> int:
+    """Fewest input samples that give one output frame."""
+    field, jump = 1, 1
+    for k, s in zip(kernel_sizes, strides):
+        field += (k - 1) * jump
+        jump *= s
+    return field
+
+
+def _group_norm_over_lengths(x, weight, bias, eps, lengths):
+    """GroupNorm(C, C) on x [B, C, T] with statistics over the first lengths[b] frames."""
+    t = torch.arange(x.shape[-1], device=x.device)
+    valid = (t[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]  # [B, 1, T]
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(-1, keepdim=True) / count
+    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    y = (x - mean) * torch.rsqrt(var + eps)
+    return y * weight[None, :, None] + bias[None, :, None]
+
+
+def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                              norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                              input_lengths=None, batch_invariant=False, upcast=False):
+    """Eager torch implementation (channels-first internally, like transformers)."""
+    act = get_activation(activation)
+    dtype = input_values.dtype
+    cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
+    x = cast(input_values)[:, None, :]
+    for i, (w, b, s) in enumerate(zip(conv_weights, conv_biases, conv_strides)):
+        x = F.conv1d(x, cast(w), cast(b), stride=s)
+        if norm_mode == "layer":
+            x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), cast(norm_weights[i]),
+                             cast(norm_biases[i]), eps).transpose(1, 2)
+        elif i == 0:
+            if batch_invariant and input_lengths is not None:
+                lengths = conv_output_length(input_lengths, [w.shape[-1]], [s])
+                x = _group_norm_over_lengths(x, cast(norm_weights[0]), cast(norm_biases[0]), eps, lengths)
+            else:
+                x = F.group_norm(x, x.shape[1], cast(norm_weights[0]), cast(norm_biases[0]), eps)
+        x = act(x)
+    x = x.transpose(1, 2)
+    return x if upcast else x.to(dtype)
+
+
+def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                 norm_weights, norm_biases, input_lengths=None):
+    if not isinstance(input_values, torch.Tensor) or input_values.dim() != 2:
+        raise ValueError("feature_encoder: input_values must be a [batch, samples] tensor, got "
+                         f"{tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values)}")
+    if not input_values.is_floating_point():
+        raise TypeError(f"feature_encoder: input_values must be floating point, got {input_values.dtype}")
+    if not (len(conv_weights) == len(conv_biases) == len(conv_strides)) or not conv_weights:
+        raise ValueError("feature_encoder: conv_weights, conv_biases and conv_strides need one entry per layer")
+    if norm_mode not in ("group", "layer"):
+        raise ValueError(f"feature_encoder: norm_mode must be 'group' or 'layer', got {norm_mode!r}")
+    need = 1 if norm_mode == "group" else len(conv_weights)
+    if len(norm_weights) != need or len(norm_biases) != need:
+        raise ValueError(f"feature_encoder: norm_mode {norm_mode!r} needs {need} norm weight/bias tensors, "
+                         f"got {len(norm_weights)}/{len(norm_biases)}")
+    kernels = [w.shape[-1] for w in conv_weights]
+    field = receptive_field(kernels, conv_strides)
+    if input_values.shape[1] < field:
+        raise ValueError(f"feature_encoder: audio of {input_values.shape[1]} samples is shorter than the "
+                         f"receptive field of the conv stack ({field} samples)")
+    for w in conv_weights:
+        if w.dtype != input_values.dtype or w.device != input_values.device:
+            raise TypeError(f"feature_encoder: conv weight {w.dtype} on {w.device} does not match input "
+                            f"{input_values.dtype} on {input_values.device}")
+    if input_lengths is not None and tuple(input_lengths.shape) != (input_values.shape[0],):
+        raise ValueError(f"feature_encoder: input_lengths must have shape [batch], got {tuple(input_lengths.shape)}")
+
+
+feature_encoder_op = Op("feature_encoder")
+
+
+@feature_encoder_op.register("torch", check=lambda *a, **k: None)
+def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                          norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                          input_lengths=None, batch_invariant=False):
+    return feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                     norm_weights, norm_biases, eps=eps, activation=activation,
+                                     input_lengths=input_lengths, batch_invariant=batch_invariant)
+
+
+def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
+                    norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
+                    input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
+                    backend: Optional[str] = None):
+    """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""
+    check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                 norm_weights, norm_biases, input_lengths)
+    return feature_encoder_op(input_values, list(conv_weights), list(conv_biases), list(conv_strides),
+                              norm_mode, list(norm_weights), list(norm_biases), eps=eps,
+                              activation=activation, input_lengths=input_lengths,
+                              batch_invariant=batch_invariant, backend=backend)
