@@ -32,6 +32,7 @@ class Backend:
     name: str
     impl: Callable
     check: Callable[..., Optional[str]]  # same arguments as impl -> None or the reason it can't
+    auto: bool = True  # False: only runs when forced (e.g. not yet measured faster than the next one)
 
 
 def env_override(op_name: str) -> Optional[str]:
@@ -61,13 +62,14 @@ class Op:
         self.backends: dict[str, Backend] = {}
         self.last_reasons: dict[str, Optional[str]] = {}
 
-    def register(self, name: str, check: Callable[..., Optional[str]]):
-        """Decorator: ``@op.register("triton", check=fn)`` on the implementation."""
+    def register(self, name: str, check: Callable[..., Optional[str]], auto: bool = True):
+        """Decorator: ``@op.register("triton", check=fn)`` on the implementation. ``auto=False``
+        keeps the backend out of automatic selection (it runs only when forced)."""
         if name not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {name!r}; valid: {BACKEND_NAMES}")
 
         def deco(impl):
-            self.backends[name] = Backend(name, impl, check)
+            self.backends[name] = Backend(name, impl, check, auto)
             return impl
 
         return deco
@@ -93,6 +95,8 @@ class Op:
             raise BackendUnavailableError(
                 f"{self.name}: backend {forced!r} cannot run this input ({listing})")
         for name in BACKEND_NAMES:
+            if reasons[name] is None and not self.backends[name].auto:
+                reasons[name] = "opt-in only (not selected automatically; force it to use it)"
             if reasons[name] is None:
                 log.debug("%s -> %s (rejected: %s)", self.name, name,
                           {n: r for n, r in reasons.items() if r})
