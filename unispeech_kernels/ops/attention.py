@@ -3,8 +3,18 @@
 Shapes: q, k, v [B, S, H, D] (any strides); key_padding_mask bool [B, S], True = real frame;
 output [B, S, H, D]. Rows whose sequence has no real frame return zeros.
 
-File order: torch reference -> (Triton kernels, launchers, autograd.Function, torch.library op:
-added by the Triton backend) -> backends -> functional entry point.
+Triton backend: a flash-style forward (online softmax in exp2, fp32 accumulation, log-sum-exp saved)
+and a deterministic bidirectional backward (``attention_bwd.py``). Masks: any bool mask works; the
+kernels load it per key block, and loop only up to ``kv_end`` = last real position + 1 (computed on
+the device, no host sync), so for audio's prefix masks key blocks past a sequence's length are
+skipped and query blocks past it exit early. The Triton op defines padded query rows as zeros:
+gradients through them are zero (the torch backend returns attention over real keys there; both
+are within the contract "any finite value").
+Dropout: one Philox draw per (batch*head, query, key) from a seed drawn on the device with torch's
+generator (``torch.manual_seed`` reproduces it), saved for the backward, which regenerates the mask.
+
+File order: torch reference -> Triton kernels -> launchers -> torch.library ops + autograd ->
+backends -> functional entry point -> ``aot_specs``.
 """
 from __future__ import annotations
 
@@ -13,8 +23,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
 from ..dispatch import Op
+from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_BLOCK, SM90_SMEM, _attn_bwd_dkdv_kernel,
+                            _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
+                            _dropout_mask_kernel, attn_bwd, dot_precision, prune_by_budget, strides)
 
 MAX_HEAD_DIM = 256
 
@@ -72,6 +88,202 @@ def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
         raise ValueError(f"attention: softmax_scale must be positive, got {softmax_scale}")
 
 
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # [B, S, H, D] inputs, any strides
+    Out,  # [B, S, H, D] contiguous out; padded query rows get zeros
+    Lse,  # [B, H, S] fp32 out: log2-sum-exp2 of the scaled scores per row, +inf on padded rows
+    Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1 (the loop bound); unused unless HAS_MASK
+    Seed,  # [1] int64 dropout seed on the device; unused unless HAS_DROPOUT
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
+    stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
+    stride_ob, stride_os, stride_oh, stride_od,  # strides of Out
+    stride_mb, stride_ms,  # strides of Mask
+    H, S,  # heads, sequence length (runtime: no recompile per length)
+    qk_scale,  # softmax_scale * log2(e)
+    dropout_p,  # drop probability
+    S_BUCKET,  # next_power_of_2(S): autotune key only
+    HEAD_DIM: tl.constexpr,  # real head_dim
+    BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM), >= 16
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if HAS_MASK:
+        kv_end = tl.load(KvEnd + b)
+    else:
+        kv_end = S
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od
+    lse_ptrs = Lse + bh.to(tl.int64) * S + rows
+    if start_m >= kv_end:  # the whole query block is padding: zeros, no work
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty), mask=(rows[:, None] < S) & d_ok)
+        tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=rows < S)
+        return
+    row_ok = rows < kv_end
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(Mask + b * stride_mb + rows * stride_ms, mask=row_ok, other=0) != 0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, kv_end, BLOCK_N):  # key blocks past kv_end are skipped
+        cols = start_n + offs_n
+        col_ok = cols < kv_end
+        k = tl.load(k_base + cols[:, None] * stride_ks, mask=col_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(Mask + b * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: no NaN
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, S, rows[:, None], cols[None, :], dropout_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    row_ok = row_ok & (l_i > 0.0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < S) & d_ok)
+    tl.store(lse_ptrs, tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf")), mask=rows < S)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100-oriented, pruned per head_dim / device / length
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 4),
+                         (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+]
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    q = named_args["Q"]
+    return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, block_d=kwargs["BLOCK_D"],
+                           elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
+                           max_smem=_device_smem(q.device.index))
+
+
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
+                             prune_configs_by={"early_config_prune": _fwd_prune})(_attn_fwd_kernel)
+
+
+def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B] int32: last real position + 1 of each row of a bool [B, S] mask (0 for no real frame)."""
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.int32)
+    return torch.where(mask, pos, 0).amax(dim=1).to(torch.int32)
+
+
+def draw_dropout_seed(device) -> torch.Tensor:
+    """[1] int64 seed from torch's generator of ``device`` (what the op uses; tests redraw it)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float):
+    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain)."""
+    B, S, H, D = q.shape
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    has_mask = mask_u8 is not None
+    args = (q, k, v, out, lse, mask_u8 if has_mask else lse, kv_end if has_mask else lse, seed,
+            *strides(q), *strides(k), *strides(v), *strides(out),
+            *(strides(mask_u8) if has_mask else (0, 0)),
+            H, S, softmax_scale * 1.4426950408889634, float(dropout_p), triton.next_power_of_2(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask,
+                 HAS_DROPOUT=dropout_p > 0.0, UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
+    if interpret_mode():
+        grid = (triton.cdiv(S, INTERPRET_BLOCK), B * H)
+        _attn_fwd_kernel[grid](*args, **flags, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
+    else:
+        _fwd_tuned[lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)](*args, **flags)
+    return out, lse
+
+
+def _mask_args(key_padding_mask):
+    if key_padding_mask is None:
+        return None, None
+    return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
+
+
+@torch.library.custom_op("unispeech_kernels::attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, "
+                                "float softmax_scale) -> (Tensor, Tensor, Tensor)")
+def attention_fwd_op(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    """Triton forward as a torch.library op: (out, lse, seed)."""
+    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
+            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale)
+    return out, lse, seed
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    B, S, H, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("unispeech_kernels::attention_bwd", mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seed, "
+                                "Tensor? key_padding_mask, float dropout_p, float softmax_scale) "
+                                "-> (Tensor, Tensor, Tensor)")
+def attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
+    """Triton backward as a torch.library op: (dq, dk, dv)."""
+    return attn_bwd(dout, q, k, v, out, lse, seed, *_mask_args(key_padding_mask), dropout_p, softmax_scale)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, dropout_p, softmax_scale = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask)
+    ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _backward(ctx, dout, _dlse, _dseed):
+    q, k, v, out, lse, seed, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, ctx.dropout_p,
+                                  ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 attention_op = Op("attention")
 
 
@@ -93,6 +305,31 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
     if key_padding_mask is not None:
         out = out * (~empty).to(out.dtype)[:, None, None, None]
     return out
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
+    reason = triton_device_reason(q, k, v, key_padding_mask)
+    if reason:
+        return reason
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} not in {_TRITON_DTYPES}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[2] > 65535:
+        return f"batch*heads {q.shape[0] * q.shape[2]} > 65535 (grid axis limit)"
+    if q.shape[1] == 0:
+        return "empty sequence axis"
+    return None
+
+
+@attention_op.register("triton", check=_triton_check)
+def attention_triton(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
+    """Flash-style Triton kernels; padded query rows return zeros."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return attention_fwd_op(q, k, v, key_padding_mask, float(dropout_p), float(scale))[0]
 
 
 def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,

@@ -1,0 +1,353 @@
+"""Backward of the Triton masked bidirectional attention (see ``attention.py``), and the dropout RNG
+that forward and backward share.
+
+Shapes: q, k, v, out, dout [B, S, H, D] (any strides); lse, delta [B, H, S] fp32; dq, dk, dv are new
+contiguous [B, S, H, D]. ``lse`` is the forward's log2-sum-exp2 of the scaled scores per query row,
++inf on rows that are padded (their output is zero, so every gradient through them is zero).
+
+Three deterministic kernels (no atomics): delta = rowsum(dout * out); dK/dV, one program per key
+block looping over the query blocks of the sequence's real range; dQ, one program per query block
+looping over the key blocks. P is recomputed from lse; dropout keep-masks are regenerated from the
+same (seed, batch*head, query, key) counter as in the forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import interpret_mode, interpret_upcast_bf16
+
+
+@triton.jit
+def _dropout_keep(seed, bh, S, q_idx, k_idx, dropout_p):
+    """Keep-mask (True = kept) for query indices ``q_idx`` and key indices ``k_idx`` (broadcastable
+    int tensors) of batch*head ``bh``: one Philox draw per unique (bh, q, k), int64 counter."""
+    offs = (bh.to(tl.int64) * S + q_idx) * S + k_idx
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep,  # [B*H, S, S] uint8 out: 1 where the kernels keep the probability
+    Seed,  # [1] int64 dropout seed (device)
+    S,  # sequence length
+    dropout_p,  # drop probability
+    BLOCK: tl.constexpr,  # tile edge
+):
+    bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(Seed), bh, S, rows[:, None], cols[None, :], dropout_p)
+    ptrs = Keep + bh.to(tl.int64) * S * S + rows[:, None] * S + cols[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < S) & (cols[None, :] < S))
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, dropout_p: float):
+    """Debug/test helper: the bool keep-mask [B, H, S, S] the kernels use for ``seed`` ([1] int64)."""
+    keep = torch.empty((batch * heads, seq, seq), dtype=torch.uint8, device=seed.device)
+    block = 16 if interpret_mode() else 64
+    grid = (triton.cdiv(seq, block), triton.cdiv(seq, block), batch * heads)
+    _dropout_mask_kernel[grid](keep, seed, seq, float(dropout_p), BLOCK=block)
+    return keep.view(batch, heads, seq, seq).bool()
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DOut,  # [B, S, H, D] forward output and its gradient
+    Delta,  # [B, H, S] fp32 out: rowsum(dout * out)
+    stride_ob, stride_os, stride_oh, stride_od,  # strides of Out
+    stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
+    H, S,  # heads, sequence length
+    HEAD_DIM: tl.constexpr,  # real head_dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM)
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * S + rows, tl.sum(o * do, axis=1), mask=rows < S)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut,  # [B, S, H, D] forward inputs and output gradient, any strides
+    DK, DV,  # [B, S, H, D] contiguous out
+    Lse, Delta,  # [B, H, S] fp32: forward log2-sum-exp2 (+inf on padded rows), rowsum(dout * out)
+    Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1; unused unless HAS_MASK
+    Seed,  # [1] int64 dropout seed; unused unless HAS_DROPOUT
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
+    stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
+    stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
+    stride_xb, stride_xs, stride_xh, stride_xd,  # strides of DK and DV (same layout)
+    stride_mb, stride_ms,  # strides of Mask
+    H, S,  # heads, sequence length (runtime: no recompile per length)
+    qk_scale,  # softmax_scale * log2(e)
+    sm_scale,  # softmax_scale
+    dropout_p,  # drop probability
+    S_BUCKET,  # next_power_of_2(S): autotune key only
+    HEAD_DIM: tl.constexpr,  # real head_dim
+    BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM), >= 16
+    BLOCK_M: tl.constexpr,  # query rows per inner step
+    BLOCK_N: tl.constexpr,  # keys per program
+    HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if HAS_MASK:
+        kv_end = tl.load(KvEnd + b)
+    else:
+        kv_end = S
+    x_off = b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    store_ok = (offs_n[:, None] < S) & d_ok
+    if start_n >= kv_end:  # padded keys: zero gradient, no work
+        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
+        tl.store(DK + x_off, zero, mask=store_ok)
+        tl.store(DV + x_off, zero, mask=store_ok)
+        return
+    load_ok = (offs_n[:, None] < kv_end) & d_ok
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=load_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=load_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = offs_n < kv_end
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(Mask + b * stride_mb + offs_n * stride_ms, mask=key_ok, other=0) != 0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
+    g_base = DOut + b * stride_gb + h * stride_gh + offs_d[None, :] * stride_gd
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, kv_end, BLOCK_M):  # query rows past kv_end are padded: skipped
+        rows = start_m + offs_m
+        row_ok = rows < kv_end
+        q = tl.load(q_base + rows[:, None] * stride_qs, mask=row_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(g_base + rows[:, None] * stride_gs, mask=row_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + bh.to(tl.int64) * S + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.where(key_ok[:, None], tl.math.exp2(qk_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, S, rows[None, :], offs_n[:, None], dropout_p)
+            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    tl.store(DK + x_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
+    tl.store(DV + x_off, dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut,  # [B, S, H, D] forward inputs and output gradient, any strides
+    DQ,  # [B, S, H, D] contiguous out
+    Lse, Delta,  # [B, H, S] fp32: forward log2-sum-exp2 (+inf on padded rows), rowsum(dout * out)
+    Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1; unused unless HAS_MASK
+    Seed,  # [1] int64 dropout seed; unused unless HAS_DROPOUT
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
+    stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
+    stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
+    stride_xb, stride_xs, stride_xh, stride_xd,  # strides of DQ
+    stride_mb, stride_ms,  # strides of Mask
+    H, S,  # heads, sequence length (runtime: no recompile per length)
+    qk_scale,  # softmax_scale * log2(e)
+    sm_scale,  # softmax_scale
+    dropout_p,  # drop probability
+    S_BUCKET,  # next_power_of_2(S): autotune key only
+    HEAD_DIM: tl.constexpr,  # real head_dim
+    BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM), >= 16
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if HAS_MASK:
+        kv_end = tl.load(KvEnd + b)
+    else:
+        kv_end = S
+    x_off = b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    store_ok = (rows[:, None] < S) & d_ok
+    if start_m >= kv_end:  # padded query rows: zero gradient, no work
+        tl.store(DQ + x_off, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=store_ok)
+        return
+    row_ok = rows < kv_end
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok, other=0.0)
+    do = tl.load(DOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+                 mask=row_ok[:, None] & d_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + bh.to(tl.int64) * S + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, kv_end, BLOCK_N):  # key blocks past kv_end are skipped
+        cols = start_n + offs_n
+        col_ok = cols < kv_end
+        k = tl.load(k_base + cols[:, None] * stride_ks, mask=col_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(Mask + b * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.where(col_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, S, rows[:, None], cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(DQ + x_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_ok)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV: BLOCK_N keys per program, dQ: BLOCK_M rows.
+BWD_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2)]
+]
+BWD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+]
+INTERPRET_BLOCK = 16  # one small config under TRITON_INTERPRET (autotuning is pointless there)
+PREPROCESS_BLOCK_M = 64
+
+
+SM90_SMEM = 232448  # bytes of shared memory per block on H100 (sm_90); used when no GPU is queried
+MAX_FP32_PER_THREAD = 128  # register budget for the resident fp32 tiles, per thread
+
+
+@functools.lru_cache(None)
+def _device_smem(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def prune_by_budget(configs, *, resident: str, n_acc: int, block_d: int, elem_size: int, s_bucket: int,
+                    max_smem: int):
+    """Keep the configs whose resident fp32 tiles (``n_acc`` accumulators of [``resident`` block,
+    BLOCK_D] plus the [BLOCK_M, BLOCK_N] score tile) fit the register budget and whose pipelined
+    streamed tiles fit shared memory; prefer blocks no larger than the bucketed length."""
+    def regs(c):
+        r, bm, bn = c.kwargs[resident], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (n_acc * r * block_d + bm * bn) / (32 * c.num_warps)
+
+    def smem(c):
+        r = c.kwargs[resident]
+        other = c.kwargs["BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"]
+        return (c.num_stages * 2 * other + 2 * r) * block_d * elem_size
+
+    fits = [c for c in configs if regs(c) <= MAX_FP32_PER_THREAD and smem(c) <= max_smem]
+    short = [c for c in fits if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(s_bucket, 16)]
+    return short or fits or [min(configs, key=regs)]
+
+
+def _bwd_prune(resident: str, n_acc: int):
+    """Autotune pruner of a backward kernel (see ``prune_by_budget``)."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        return prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=kwargs["BLOCK_D"],
+                               elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
+                               max_smem=_device_smem(q.device.index))
+    return prune
+
+
+_KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"]
+_dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_KEY,
+                              prune_configs_by={"early_config_prune": _bwd_prune("BLOCK_N", 2)})(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_KEY,
+                            prune_configs_by={"early_config_prune": _bwd_prune("BLOCK_M", 1)})(_attn_bwd_dq_kernel)
+
+
+def strides(t):
+    return tuple(t.stride())
+
+
+@functools.lru_cache(None)
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float):
+    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` are None without a padding mask."""
+    B, S, H, D = q.shape
+    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    pre_m = INTERPRET_BLOCK if interpret_mode() else PREPROCESS_BLOCK_M
+    _attn_bwd_preprocess_kernel[(triton.cdiv(S, pre_m), B * H)](
+        out, dout, delta, *strides(out), *strides(dout), H, S,
+        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d)
+    has_mask = mask_u8 is not None
+    mask_arg = mask_u8 if has_mask else delta
+    mask_strides = strides(mask_u8) if has_mask else (0, 0)
+    kv_arg = kv_end if has_mask else delta
+    common = (*strides(q), *strides(k), *strides(v), *strides(dout))
+    scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p),
+               triton.next_power_of_2(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+                 UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, seed, *common, *strides(dk),
+                 *mask_strides, *scalars)
+    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, seed, *common, *strides(dq),
+               *mask_strides, *scalars)
+    if interpret_mode():
+        blk = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(S, INTERPRET_BLOCK), B * H)](*dkdv_args, **flags, **blk)
+        _attn_bwd_dq_kernel[(triton.cdiv(S, INTERPRET_BLOCK), B * H)](*dq_args, **flags, **blk)
+    else:
+        _dkdv_tuned[lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * H)](*dkdv_args, **flags)
+        _dq_tuned[lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)](*dq_args, **flags)
+    return dq, dk, dv
