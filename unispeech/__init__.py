@@ -1,0 +1,7 @@
+"""Hugging Face-compatible UniSpeech model layer; the hot spots run unispeech_kernels ops."""
+from .configuration import UniSpeechConfig
+from .heads import UniSpeechForCTC, UniSpeechForPreTraining, UniSpeechForSequenceClassification
+from .modeling import UniSpeechModel, UniSpeechPreTrainedModel
+
+__all__ = ["UniSpeechConfig", "UniSpeechModel", "UniSpeechForCTC", "UniSpeechForSequenceClassification",
+           "UniSpeechForPreTraining", "UniSpeechPreTrainedModel"]

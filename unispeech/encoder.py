@@ -1,0 +1,213 @@
+"""Transformer encoder: positional conv embedding, attention, feed-forward, both layer variants.
+
+Shapes: hidden [B, T, E] (E = hidden_size = H heads x D head_dim); ``mask`` bool [B, T], True =
+real frame, or None when no frame is padded. Parameter names equal transformers'
+(``encoder.pos_conv_embed.conv.{bias, parametrizations.weight.original0/original1}``,
+``encoder.layers.{i}.attention.{q,k,v,out}_proj``, ``.feed_forward.{intermediate,output}_dense``...).
+
+Hot spots: ``unispeech_kernels.pos_conv_embed`` (conv + activation + residual in one op) and
+``unispeech_kernels.attention`` (q/k/v passed as [B, T, H, D] views of the projections).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import unispeech_kernels
+from unispeech_kernels.activations import get_activation
+
+from .feature_encoder import kernel_backend
+
+
+class _WeightNorm(nn.Module):
+    """weight = g * v / ||v|| (norm over all but the kernel dim), stored as transformers stores it."""
+
+    def __init__(self, channels: int, per_group: int, kernel: int):
+        super().__init__()
+        v = torch.randn(channels, per_group, kernel) * (2 * math.sqrt(1.0 / (kernel * channels)))
+        self.original0 = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))  # g [1, 1, K]
+        self.original1 = nn.Parameter(v)  # v [C, C / groups, K]
+
+
+class _PosConv(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c, groups = config.hidden_size, config.num_conv_pos_embedding_groups
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.parametrizations = nn.Module()
+        self.parametrizations.weight = _WeightNorm(c, c // groups, config.num_conv_pos_embeddings)
+
+
+class UniSpeechPositionalConvEmbedding(nn.Module):
+    """out = hidden + act(conv(hidden)) over time, same length (odd and even kernels)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = _PosConv(config)
+        self._folded = None  # (key of g and v, folded weight), used without grad
+        self._folded_key = None
+
+    def weight(self) -> torch.Tensor:
+        g = self.conv.parametrizations.weight.original0
+        v = self.conv.parametrizations.weight.original1
+        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
+            self._folded = self._folded_key = None
+            return unispeech_kernels.fold_weight_norm(g, v)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (g, v))
+        if key != self._folded_key:
+            self._folded = unispeech_kernels.fold_weight_norm(g, v)
+            self._folded_key = key
+        return self._folded
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return unispeech_kernels.pos_conv_embed(
+            hidden, self.weight(), self.conv.bias, groups=cfg.num_conv_pos_embedding_groups,
+            activation=cfg.feat_extract_activation, backend=kernel_backend(cfg))
+
+
+class UniSpeechAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        e = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = e // self.num_heads
+        self.scaling = self.head_dim ** -0.5
+        self.dropout = config.attention_dropout
+        self.k_proj = nn.Linear(e, e)
+        self.v_proj = nn.Linear(e, e)
+        self.q_proj = nn.Linear(e, e)
+        self.out_proj = nn.Linear(e, e)
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions: bool = False):
+        """Returns (output [B, T, E], attention weights [B, H, T, T] when output_attentions else None)."""
+        b, t, e = hidden.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q, k, v = (proj(hidden).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        p = self.dropout if self.training else 0.0
+        impl = self.config.attn_implementation
+        if output_attentions and impl != "eager":
+            warnings.warn(f"attn_implementation={impl!r} returns no attention weights: this call runs the "
+                          "eager attention for output_attentions=True", stacklevel=2)
+            impl = "eager"
+        weights = None
+        if impl == "eager":
+            out, weights = self._eager(q, k, v, mask, p)
+        else:
+            out = unispeech_kernels.attention(q, k, v, mask, dropout_p=p, softmax_scale=self.scaling,
+                                              backend="torch" if impl == "sdpa" else None)
+        return self.out_proj(out.reshape(b, t, e)), weights
+
+    def _eager(self, q, k, v, mask, p):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        if mask is not None:  # additive mask of the dtype's minimum, as transformers' eager path
+            scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        weights = nn.functional.dropout(torch.softmax(scores, dim=-1), p=p, training=self.training)
+        return torch.matmul(weights, v).transpose(1, 2), weights
+
+
+class UniSpeechFeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate_dropout = nn.Dropout(config.activation_dropout)
+        self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = get_activation(config.hidden_act)
+        self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden):
+        hidden = self.intermediate_dropout(self.intermediate_act_fn(self.intermediate_dense(hidden)))
+        return self.output_dropout(self.output_dense(hidden))
+
+
+class UniSpeechAttnAdapterLayer(nn.Module):
+    """Optional adapter of the stable-layer-norm layers (config.adapter_attn_dim)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.linear_1 = nn.Linear(config.hidden_size, config.adapter_attn_dim)
+        self.act_fn = nn.ReLU()
+        self.linear_2 = nn.Linear(config.adapter_attn_dim, config.hidden_size)
+
+    def forward(self, hidden):
+        return self.linear_2(self.act_fn(self.linear_1(self.norm(hidden))))
+
+
+class UniSpeechEncoderLayer(nn.Module):
+    """Post-norm layer (do_stable_layer_norm=False); ``stable=True`` gives the pre-norm layer."""
+
+    def __init__(self, config, stable: bool = False):
+        super().__init__()
+        self.stable = stable
+        self.attention = UniSpeechAttention(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = UniSpeechFeedForward(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if stable and getattr(config, "adapter_attn_dim", None) is not None:
+            self.adapter_layer = UniSpeechAttnAdapterLayer(config)
+        else:
+            self.adapter_layer = None
+
+    def forward(self, hidden, mask, output_attentions=False):
+        if self.stable:
+            attn, weights = self.attention(self.layer_norm(hidden), mask, output_attentions)
+            hidden = hidden + self.dropout(attn)
+            hidden = hidden + self.feed_forward(self.final_layer_norm(hidden))
+            if self.adapter_layer is not None:
+                hidden = hidden + self.adapter_layer(hidden)
+            return hidden, weights
+        attn, weights = self.attention(hidden, mask, output_attentions)
+        hidden = self.layer_norm(hidden + self.dropout(attn))
+        hidden = self.final_layer_norm(hidden + self.feed_forward(hidden))
+        return hidden, weights
+
+
+class UniSpeechEncoder(nn.Module):
+    """Both variants: post-norm (norm after the positional conv) or stable (norm at the end)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.stable = bool(config.do_stable_layer_norm)
+        self.pos_conv_embed = UniSpeechPositionalConvEmbedding(config)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(UniSpeechEncoderLayer(config, self.stable)
+                                    for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions=False,
+                output_hidden_states=False) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
+        """Returns (last_hidden_state, hidden_states, attentions). hidden_states as transformers 5.x:
+        the input of the first layer that runs, then each layer's output (before the final norm of
+        the stable variant); layers skipped by LayerDrop record nothing."""
+        if mask is not None:  # padded frames are zero before the positional conv, as transformers
+            hidden = hidden.masked_fill(~mask[:, :, None], 0.0)
+        hidden = self.pos_conv_embed(hidden)
+        if not self.stable:
+            hidden = self.layer_norm(hidden)
+        hidden = self.dropout(hidden)
+        all_hidden: List[torch.Tensor] = []
+        all_attn: List[torch.Tensor] = []
+        layerdrop = self.config.layerdrop if self.training else 0.0
+        for layer in self.layers:
+            if layerdrop > 0.0 and torch.rand([]) < layerdrop:
+                continue
+            if output_hidden_states and not all_hidden:
+                all_hidden.append(hidden)
+            hidden, weights = layer(hidden, mask, output_attentions)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if output_attentions:
+                all_attn.append(weights)
+        last = self.layer_norm(hidden) if self.stable else hidden
+        return (last, tuple(all_hidden) if output_hidden_states else None,
+                tuple(all_attn) if output_attentions else None)

@@ -1,0 +1,195 @@
+"""UniSpeechPreTrainedModel (shared base) and UniSpeechModel, drop-ins for transformers' classes.
+
+Data path (shapes): input_values [B, L] -> feature encoder op [B, T, C] -> feature projection
+[B, T, E] -> SpecAugment (training / mask_time_indices) -> encoder (positional conv op, N x
+(attention op + FFN)) -> last_hidden_state [B, T, E]. ``attention_mask`` [B, L] (1 = real sample,
+right padding) becomes the frame mask [B, T] from the conv output lengths, computed once.
+
+Input contract: input_values must be a floating tensor [B, L] with B >= 1 of the model's dtype
+(a 1-D [L] tensor is rejected, as in transformers: pass input_values[None]); L must reach the
+receptive field of the conv stack. NaN in the audio is not checked: it propagates to the outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .configuration import UniSpeechConfig, check_attn_implementation, check_kernel_backend
+from .encoder import UniSpeechEncoder
+from .feature_encoder import UniSpeechFeatureEncoder, UniSpeechFeatureProjection
+from .masking import compute_mask_indices
+from .outputs import Wav2Vec2BaseModelOutput
+from .quantizer import UniSpeechGumbelVectorQuantizer
+
+
+class UniSpeechPreTrainedModel(nn.Module):
+    """Config handling, weight init, length/mask helpers and checkpoint I/O shared by every class."""
+
+    config_class = UniSpeechConfig
+    base_model_prefix = "unispeech"
+    main_input_name = "input_values"
+
+    def __init__(self, config: UniSpeechConfig, attn_implementation: Optional[str] = None,
+                 kernel_backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, UniSpeechConfig):
+            raise TypeError(f"{type(self).__name__} needs a UniSpeechConfig, got {type(config).__name__}")
+        if attn_implementation is not None or kernel_backend is not None:
+            config = config.copy()
+            if attn_implementation is not None:
+                config.attn_implementation = check_attn_implementation(attn_implementation)
+            if kernel_backend is not None:
+                config.kernel_backend = check_kernel_backend(kernel_backend)
+        self.config = config
+
+    def post_init(self):
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, UniSpeechGumbelVectorQuantizer):
+            nn.init.normal_(module.weight_proj.weight, mean=0.0, std=1.0)
+            nn.init.zeros_(module.weight_proj.bias)
+            nn.init.uniform_(module.codevectors)
+        elif isinstance(module, UniSpeechFeatureProjection):
+            k = math.sqrt(1 / module.projection.in_features)
+            nn.init.uniform_(module.projection.weight, a=-k, b=k)
+            nn.init.uniform_(module.projection.bias, a=-k, b=k)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
+                k = math.sqrt(module.groups / (module.in_channels * module.kernel_size[0]))
+                nn.init.uniform_(module.bias, a=-k, b=k)
+        elif isinstance(module, UniSpeechModel) and hasattr(module, "masked_spec_embed"):
+            nn.init.uniform_(module.masked_spec_embed)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _get_feat_extract_output_lengths(self, input_lengths):
+        """Frames the conv stack makes from input_lengths samples (int or tensor)."""
+        for k, s in zip(self.config.conv_kernel, self.config.conv_stride):
+            input_lengths = (torch.div(input_lengths - k, s, rounding_mode="floor") + 1
+                             if torch.is_tensor(input_lengths) else (input_lengths - k) // s + 1)
+        return input_lengths
+
+    def _get_feature_vector_attention_mask(self, feature_vector_length: int, attention_mask: torch.Tensor):
+        """Frame mask bool [B, T] (True = real frame) from a sample mask [B, L] (right padding)."""
+        lengths = self._get_feat_extract_output_lengths(attention_mask.sum(-1)).to(torch.long)
+        frames = torch.arange(feature_vector_length, device=attention_mask.device)
+        return frames[None, :] < lengths[:, None]
+
+    @classmethod
+    def from_pretrained(cls, folder, attn_implementation=None, kernel_backend=None, torch_dtype=None,
+                        strict=True, **config_overrides):
+        """Load config.json + weights from a local folder; see unispeech.checkpoint."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, folder, attn_implementation=attn_implementation,
+                               kernel_backend=kernel_backend, torch_dtype=torch_dtype, strict=strict,
+                               **config_overrides)
+
+    def save_pretrained(self, folder):
+        """Write config.json + model.safetensors that transformers' classes load."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, folder)
+
+
+def check_input_values(input_values, attention_mask, receptive_field: int, dtype: torch.dtype):
+    """Raise a clear error for input the model cannot run (see the module docstring)."""
+    if not isinstance(input_values, torch.Tensor):
+        raise TypeError(f"input_values must be a torch.Tensor, got {type(input_values).__name__}")
+    if input_values.dim() != 2:
+        raise ValueError(f"input_values must be [batch, samples], got shape {tuple(input_values.shape)}"
+                         + (" (for one utterance pass input_values[None])" if input_values.dim() == 1 else ""))
+    if not input_values.is_floating_point():
+        raise TypeError(f"input_values must be floating point audio, got {input_values.dtype}")
+    if input_values.dtype != dtype:
+        raise TypeError(f"input_values are {input_values.dtype} but the model is {dtype}: cast one of them")
+    if input_values.shape[0] == 0:
+        raise ValueError("input_values is an empty batch (batch size 0)")
+    if input_values.shape[1] < receptive_field:
+        raise ValueError(f"audio of {input_values.shape[1]} samples is shorter than the receptive field of "
+                         f"the conv feature encoder ({receptive_field} samples)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_values.shape:
+            raise ValueError(f"attention_mask must have the shape of input_values {tuple(input_values.shape)}, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+
+
+class UniSpeechModel(UniSpeechPreTrainedModel):
+    def __init__(self, config: UniSpeechConfig, attn_implementation=None, kernel_backend=None):
+        super().__init__(config, attn_implementation, kernel_backend)
+        config = self.config
+        self.feature_extractor = UniSpeechFeatureEncoder(config)
+        self.feature_projection = UniSpeechFeatureProjection(config)
+        if config.mask_time_prob > 0.0 or config.mask_feature_prob > 0.0:
+            self.masked_spec_embed = nn.Parameter(torch.rand(config.hidden_size))
+        self.encoder = UniSpeechEncoder(config)
+        self.post_init()
+
+    def freeze_feature_encoder(self):
+        self.feature_extractor._freeze_parameters()
+
+    def _mask_hidden_states(self, hidden, mask_time_indices=None, frame_mask=None):
+        """SpecAugment: given or random time spans -> masked_spec_embed; random channel spans -> 0."""
+        cfg = self.config
+        if not cfg.apply_spec_augment:
+            return hidden
+        b, t, e = hidden.shape
+        if mask_time_indices is not None:
+            if not hasattr(self, "masked_spec_embed"):
+                raise ValueError("mask_time_indices needs masked_spec_embed, which exists only when "
+                                 "config.mask_time_prob > 0 or config.mask_feature_prob > 0")
+            mask_time_indices = torch.as_tensor(mask_time_indices, device=hidden.device)
+            if tuple(mask_time_indices.shape) != (b, t):
+                raise ValueError(f"mask_time_indices must have shape [batch, frames] = {(b, t)}, got "
+                                 f"{tuple(mask_time_indices.shape)}")
+            hidden = torch.where(mask_time_indices.bool()[:, :, None], self.masked_spec_embed.to(hidden.dtype), hidden)
+        elif cfg.mask_time_prob > 0 and self.training:
+            spans = compute_mask_indices((b, t), cfg.mask_time_prob, cfg.mask_time_length,
+                                         attention_mask=frame_mask, min_masks=cfg.mask_time_min_masks)
+            spans = torch.from_numpy(spans).to(hidden.device)
+            hidden = torch.where(spans[:, :, None], self.masked_spec_embed.to(hidden.dtype), hidden)
+        if cfg.mask_feature_prob > 0 and self.training:
+            spans = compute_mask_indices((b, e), cfg.mask_feature_prob, cfg.mask_feature_length,
+                                         min_masks=cfg.mask_feature_min_masks)
+            hidden = hidden.masked_fill(torch.from_numpy(spans).to(hidden.device)[:, None, :], 0.0)
+        return hidden
+
+    def forward(self, input_values, attention_mask=None, mask_time_indices=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None):
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        check_input_values(input_values, attention_mask, self.feature_extractor.receptive_field, self.dtype)
+
+        sample_lengths = attention_mask.sum(-1) if attention_mask is not None else None
+        features = self.feature_extractor(input_values, sample_lengths)  # [B, T, C]
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = self._get_feature_vector_attention_mask(features.shape[1], attention_mask)
+        hidden, extract_features = self.feature_projection(features)
+        hidden = self._mask_hidden_states(hidden, mask_time_indices, frame_mask)
+        # a mask with no padded frame changes nothing: drop it (keeps attention on its fast path)
+        encoder_mask = None if frame_mask is None or bool(frame_mask.all()) else frame_mask
+        last, hidden_states, attentions = self.encoder(hidden, encoder_mask, output_attentions,
+                                                       output_hidden_states)
+        out = Wav2Vec2BaseModelOutput(last_hidden_state=last, extract_features=extract_features,
+                                      hidden_states=hidden_states, attentions=attentions)
+        return out if return_dict else out.to_tuple()
