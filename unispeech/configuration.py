@@ -1,6 +1,7 @@
 """UniSpeechConfig: every field of transformers' UniSpeechConfig (5.x) with the same defaults, plus
 the switches of this library (``attn_implementation``, ``kernel_backend``,
-``batch_invariant_group_norm``).
+``batch_invariant_group_norm``) and the pre-training objective's fields transformers lacks
+(``pretraining_ctc_weight``, ``pretraining_ctc_blank_id``; see unispeech.pretraining).
 
 config.json compatibility: the file we write is read by transformers' UniSpeechConfig and we read
 theirs. Our three switches are written nested under ``"unispeech_kernels"`` because transformers
@@ -46,7 +47,10 @@ COMMON_DEFAULTS: Dict[str, Any] = dict(
     dtype=None, chunk_size_feed_forward=0, is_encoder_decoder=False, problem_type=None,
 )
 OUR_DEFAULTS: Dict[str, Any] = dict(attn_implementation="sdpa", kernel_backend="auto",
-                                    batch_invariant_group_norm=False)
+                                    batch_invariant_group_norm=False,
+                                    # pre-training objective (unispeech.pretraining): CTC weight alpha,
+                                    # CTC blank id (None: pad_token_id)
+                                    pretraining_ctc_weight=0.5, pretraining_ctc_blank_id=None)
 DERIVED = ("num_feat_extract_layers", "model_type", "transformers_version", "_name_or_path")
 
 
@@ -140,6 +144,11 @@ class UniSpeechConfig:
             raise ValueError(f"ctc_loss_reduction must be 'mean', 'sum' or 'none', got {self.ctc_loss_reduction!r}")
         check_attn_implementation(self.attn_implementation)
         check_kernel_backend(self.kernel_backend)
+        if not 0.0 <= self.pretraining_ctc_weight <= 1.0:
+            raise ValueError(f"pretraining_ctc_weight must be in [0, 1], got {self.pretraining_ctc_weight}")
+        blank = self.pretraining_ctc_blank_id
+        if blank is not None and not 0 <= blank < self.num_ctc_classes:
+            raise ValueError(f"pretraining_ctc_blank_id {blank} is outside [0, num_ctc_classes={self.num_ctc_classes})")
 
     @staticmethod
     def valid_names():

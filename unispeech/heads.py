@@ -1,5 +1,5 @@
-"""Task heads on UniSpeechModel: CTC, sequence classification and pre-training (forward outputs;
-the pre-training loss is not computed yet, loss=None as in transformers).
+"""Task heads on UniSpeechModel: CTC, sequence classification and pre-training (with the full
+UniSpeech objective of unispeech.pretraining, where transformers returns loss=None).
 
 Shapes: logits [B, T, vocab_size] (CTC), [B, num_labels] (classification); projected states
 [B, T, hidden] and projected quantized states [B, T, hidden] (pre-training).
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .modeling import UniSpeechModel, UniSpeechPreTrainedModel
-from .outputs import CausalLMOutput, SequenceClassifierOutput, UniSpeechForPreTrainingOutput
+from .outputs import CausalLMOutput, SequenceClassifierOutput
+from .pretraining import UniSpeechForPreTrainingOutput, pretraining_losses, pretraining_mask
 from .quantizer import UniSpeechGumbelVectorQuantizer
 
 
@@ -139,17 +140,25 @@ class UniSpeechForPreTraining(_HeadBase):
         """Gumbel-softmax temperature of the quantizer (decayed during training)."""
         self.quantizer.temperature = temperature
 
-    def forward(self, input_values, attention_mask=None, mask_time_indices=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None):
+    def forward(self, input_values, attention_mask=None, mask_time_indices=None, sampled_negative_indices=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None):
+        """mask_time_indices [B, T] (None: drawn in training), sampled_negative_indices [B, T, K] flat
+        (None: drawn), labels [B, L] phoneme ids padded with -100 (None: no CTC term)."""
         output_attentions, output_hidden_states, return_dict = self._flags(
             output_attentions, output_hidden_states, return_dict)
+        mask_time_indices = pretraining_mask(self, input_values, attention_mask, mask_time_indices)
         out = self.unispeech(input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                              return_dict=True)
-        quantized, perplexity = self.quantizer(self.dropout_features(out.extract_features))
+        extract_features = self.dropout_features(out.extract_features)
+        quantized, perplexity = self.quantizer(extract_features)
         quantized = self.project_hid(self.project_q(quantized.to(self.project_q.weight.dtype)))
-        result = UniSpeechForPreTrainingOutput(loss=None, projected_states=out.last_hidden_state,
+        losses = pretraining_losses(self, input_values, attention_mask, out.last_hidden_state, extract_features,
+                                    quantized, mask_time_indices, sampled_negative_indices, labels)
+        result = UniSpeechForPreTrainingOutput(loss=losses.loss, projected_states=out.last_hidden_state,
                                                projected_quantized_states=quantized,
                                                codevector_perplexity=perplexity,
-                                               hidden_states=out.hidden_states, attentions=out.attentions)
+                                               hidden_states=out.hidden_states, attentions=out.attentions,
+                                               contrastive_loss=losses.contrastive_loss,
+                                               diversity_loss=losses.diversity_loss, ctc_loss=losses.ctc_loss)
         return result if return_dict else result.to_tuple()

@@ -60,11 +60,15 @@ as fairseq does, to get per-frame updates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .masking import compute_mask_indices
+from .modeling import check_input_values
+from .outputs import ModelOutput
 
 IGNORE_LABEL = -100  # label padding, as in transformers' CTC heads
 
@@ -325,14 +329,14 @@ def total_loss(
 
 
 @dataclass
-class UniSpeechForPreTrainingOutput:
+class UniSpeechForPreTrainingOutput(ModelOutput):
     """transformers' ``UniSpeechForPreTrainingOutput`` fields plus the loss terms.
 
-    loss: total (None without masked frames); projected_states: [B, T, D] transformer output;
-    projected_quantized_states: [B, T, D] ``project_hid(project_q(quantized))``;
-    codevector_perplexity: scalar; contrastive_loss / diversity_loss / ctc_loss: the terms
-    (ctc_loss None for an unlabeled batch). Indexable by name or position like transformers'
-    ModelOutput (positions skip None fields)."""
+    loss: the total (None when there is neither a masked frame nor a label); projected_states:
+    [B, T, D] transformer output; projected_quantized_states: [B, T, D]
+    ``project_hid(project_q(quantized))``; codevector_perplexity: the quantizer's (transformers'
+    definition: every frame); contrastive_loss, diversity_loss: None without masked frames;
+    ctc_loss: None for an unlabeled batch."""
 
     loss: Optional[torch.Tensor] = None
     projected_states: Optional[torch.Tensor] = None
@@ -344,13 +348,92 @@ class UniSpeechForPreTrainingOutput:
     diversity_loss: Optional[torch.Tensor] = None
     ctc_loss: Optional[torch.Tensor] = None
 
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
-    def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+def _distributed_training(model) -> bool:
+    dist = torch.distributed
+    return model.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
+
+class PreTrainingLosses(NamedTuple):
+    loss: Optional[torch.Tensor]
+    contrastive_loss: Optional[torch.Tensor]
+    diversity_loss: Optional[torch.Tensor]
+    ctc_loss: Optional[torch.Tensor]
+
+
+def _frame_mask(model, input_values: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool, True on real frames."""
+    frames = int(model._get_feat_extract_output_lengths(input_values.shape[-1]))
+    if attention_mask is None:
+        return torch.ones(input_values.shape[0], frames, dtype=torch.bool, device=input_values.device)
+    return model._get_feature_vector_attention_mask(frames, attention_mask.to(input_values.device))
+
+
+def pretraining_mask(model, input_values, attention_mask=None, mask_time_indices=None) -> Optional[torch.Tensor]:
+    """The masked frames of a pre-training forward: [B, T] bool or None.
+
+    ``mask_time_indices`` if given (checked), else in training SpecAugment spans drawn from
+    mask_time_prob / mask_time_length / mask_time_min_masks over the real frames (None in eval or
+    with SpecAugment off: no contrastive or diversity term then)."""
+    cfg = model.config
+    check_input_values(input_values, attention_mask, model.unispeech.feature_extractor.receptive_field, model.dtype)
+    real = _frame_mask(model, input_values, attention_mask)
+    if mask_time_indices is not None:
+        return _check_mask(torch.as_tensor(mask_time_indices, device=input_values.device),
+                           "mask_time_indices", real.shape)
+    if model.training and cfg.apply_spec_augment and cfg.mask_time_prob > 0:
+        spans = compute_mask_indices(real.shape, cfg.mask_time_prob, cfg.mask_time_length,
+                                     attention_mask=None if attention_mask is None else real,
+                                     min_masks=cfg.mask_time_min_masks)
+        return torch.from_numpy(spans).to(input_values.device)
+    return None
+
+
+def pretraining_losses(
+    model,
+    input_values: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    transformer_features: torch.Tensor,
+    extract_features: torch.Tensor,
+    quantized: torch.Tensor,
+    mask_time_indices: Optional[torch.Tensor],
+    sampled_negative_indices: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+) -> PreTrainingLosses:
+    """The objective of ``UniSpeechForPreTraining`` (``model``: its config, quantizer, dropout,
+    ctc_proj and length helpers) from its forward's tensors: transformer output [B, T, D], the
+    (dropped-out) features fed to the quantizer [B, T, C], ``project_hid(project_q(quantized))``
+    [B, T, D], the mask from ``pretraining_mask``, optional negatives [B, T, K] and labels [B, L]."""
+    cfg = model.config
+    real = _frame_mask(model, input_values, attention_mask)
+    batch, frames = real.shape
+    contrastive = diversity = num_masked = None
+    if mask_time_indices is not None:
+        masked = mask_time_indices.to(real.device).bool() & real
+        if sampled_negative_indices is None:
+            sampled_negative_indices = sample_negative_indices(masked, cfg.num_negatives, real)
+        contrastive = contrastive_loss(transformer_features, quantized, masked, sampled_negative_indices,
+                                       cfg.contrastive_logits_temperature)
+        # the soft code distribution (the quantizer returns only its all-frame perplexity)
+        groups, per_group = cfg.num_codevector_groups, cfg.num_codevectors_per_group
+        code_logits = model.quantizer.weight_proj(extract_features).view(batch * frames, groups, per_group)
+        soft_perplexity = codevector_perplexity(torch.softmax(code_logits.float(), dim=-1), masked.flatten(),
+                                                all_reduce=_distributed_training(model))
+        diversity = diversity_loss(soft_perplexity, groups * per_group)
+        num_masked = masked.sum()
+
+    ctc = None
+    if labels is not None:
+        mixed = transformer_features
+        if model.training:
+            mixed = replace_with_quantized(transformer_features, quantized, cfg.replace_prob)
+        ctc_logits = model.ctc_proj(model.dropout(mixed))
+        blank = cfg.pad_token_id if cfg.pretraining_ctc_blank_id is None else cfg.pretraining_ctc_blank_id
+        ctc = ctc_loss(ctc_logits, labels, real.sum(-1), blank, zero_infinity=cfg.ctc_zero_infinity)
+
+    alpha = cfg.pretraining_ctc_weight
+    if contrastive is not None:
+        loss = total_loss(contrastive, diversity, num_masked, ctc, alpha, cfg.diversity_loss_weight)
+    else:
+        loss = None if ctc is None else alpha * ctc
+    return PreTrainingLosses(loss, contrastive, diversity, ctc)
