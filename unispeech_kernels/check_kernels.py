@@ -1,0 +1,302 @@
+"""Ahead-of-time kernel checks that need no GPU: ``python -m unispeech_kernels.check_kernels``.
+
+(a) every csrc/*.cu compiles with nvcc for sm_80 and sm_90; ptxas -v gives registers, static shared
+    memory and local-memory spills per kernel; every CUDA kernel here is a hot kernel, so any spill
+    fails. CUDA_HOME defaults to /usr/local/cuda; without nvcc this part prints SKIPPED.
+(b) every Triton kernel listed by ``aot_specs()`` in unispeech_kernels/ops/*.py compiles with
+    triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) for cc 80 and 90; ptxas -v on
+    the generated PTX gives registers and spills, the metadata gives shared memory, and kernels with
+    spec["mma"] must contain tensor-core instructions (sm_80: mma.sync; sm_90: wgmma, mma.sync
+    accepted and reported). A module without ``aot_specs`` is listed as "no Triton kernels".
+(c) one table (kernel, arch, regs, smem, spills, tensor-core instr, status); exit status 1 on any
+    failure. Nothing is cached across runs (Triton's cache goes to a temporary directory).
+
+An aot spec: {"name": str, "fn": @triton.jit function, "signature": {arg: "*bf16" | "i32" | "fp32" |
+"constexpr" ...}, "constexprs": {arg: value}, "num_warps": int, "num_stages": int, "mma": bool}.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import inspect
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+ARCHS = (80, 90)
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+SPEC_KEYS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "mma")
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: str
+    regs: Optional[int] = None
+    smem: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    tensor_core: str = "-"
+    status: str = "ok"
+
+    @property
+    def failed(self) -> bool:
+        return self.status.startswith("FAIL")
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_verbose(text: str) -> list:
+    """ptxas -v output -> [{name, arch, regs, smem, spill_stores, spill_loads}] per entry function."""
+    records, current, props_of = [], None, None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            current = {"name": m.group(1), "arch": m.group(2), "regs": None, "smem": 0,
+                       "spill_stores": 0, "spill_loads": 0}
+            records.append(current)
+            props_of = None
+            continue
+        m = _PROPS.search(line)
+        if m:
+            props_of = m.group(1)
+            continue
+        m = _SPILLS.search(line)
+        if m and current is not None and props_of in (None, current["name"]):
+            current["spill_stores"] = int(m.group(2))
+            current["spill_loads"] = int(m.group(3))
+            continue
+        m = _REGS.search(line)
+        if m and current is not None:
+            current["regs"] = int(m.group(1))
+            s = _SMEM.search(line)
+            current["smem"] = int(s.group(1)) if s else 0
+    return records
+
+
+def tensor_core_instr(ptx: str) -> Optional[str]:
+    """'wgmma', 'mma.sync' or None: the tensor-core instruction family present in a PTX text."""
+    if re.search(r"\bwgmma\.mma_async", ptx):
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return None
+
+
+def short_cuda_name(mangled: str) -> str:
+    """Demangled kernel name without namespaces and parameter list (mangled if c++filt is absent)."""
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        return mangled
+    name = subprocess.run([cxxfilt, mangled], capture_output=True, text=True).stdout.strip() or mangled
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "").replace("unispeech::", "")
+    return name[:name.rfind("(")] if name.endswith(")") else name
+
+
+def spill_status(rec: dict) -> str:
+    if rec["regs"] is None:
+        return "FAIL: no ptxas report"
+    if rec["spill_stores"] or rec["spill_loads"]:
+        return "FAIL: spills"
+    return "ok"
+
+
+# ---- (a) CUDA sources -----------------------------------------------------------------------------
+def cuda_home() -> str:
+    return os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+
+
+def check_cuda_sources(archs=ARCHS, csrc=CSRC) -> tuple:
+    """(rows, skipped line or None) for every csrc/*.cu."""
+    nvcc = os.path.join(cuda_home(), "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return [], f"SKIPPED CUDA sources: nvcc not found at {nvcc} (set CUDA_HOME)"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in sorted(glob.glob(os.path.join(csrc, "*.cu"))):
+            gencode = [a for cc in archs for a in ("-gencode", f"arch=compute_{cc},code=sm_{cc}")]
+            cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xptxas", "-v", *gencode, source,
+                   "-o", os.path.join(tmp, "kernel.o")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            base = os.path.basename(source)
+            if proc.returncode != 0:
+                tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+                rows.append(Row(base, ",".join(f"sm_{cc}" for cc in archs), status=f"FAIL: nvcc: {tail}"))
+                continue
+            for rec in parse_ptxas_verbose(proc.stderr):
+                rows.append(Row(f"{base}:{short_cuda_name(rec['name'])}", rec["arch"], rec["regs"], rec["smem"],
+                                rec["spill_stores"], rec["spill_loads"], "-", spill_status(rec)))
+    return rows, None
+
+
+# ---- (b) Triton kernels ---------------------------------------------------------------------------
+def collect_specs(module_names=None) -> list:
+    """[(module name, specs or None)] from unispeech_kernels.ops.* (or the given modules)."""
+    if module_names is None:
+        ops = importlib.import_module("unispeech_kernels.ops")
+        module_names = [f"unispeech_kernels.ops.{m.name}" for m in pkgutil.iter_modules(ops.__path__)]
+    out = []
+    for name in sorted(module_names):
+        module = importlib.import_module(name)
+        out.append((name, list(module.aot_specs()) if hasattr(module, "aot_specs") else None))
+    return out
+
+
+def make_ast_source(spec: dict):
+    """triton.compiler.ASTSource for a spec, for triton 3.1 (constants=, signature without constexprs)
+    and triton >= 3.2 (constexprs=, signature listing constexpr arguments as "constexpr")."""
+    from triton.compiler import ASTSource
+
+    constexprs = dict(spec["constexprs"])
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        signature = dict(spec["signature"])
+        for name in constexprs:
+            signature[name] = "constexpr"
+        return ASTSource(fn=spec["fn"], signature=signature, constexprs=constexprs)
+    signature = {k: v for k, v in spec["signature"].items() if v != "constexpr" and k not in constexprs}
+    return ASTSource(fn=spec["fn"], signature=signature, constants=constexprs)
+
+
+def triton_ptxas(cc: int) -> Optional[str]:
+    """Triton's bundled ptxas for this arch, else the toolkit's, else one on PATH."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        if hasattr(nv, "get_ptxas"):
+            return nv.get_ptxas(cc).path
+        if hasattr(nv, "_path_to_binary"):
+            return nv._path_to_binary("ptxas")[0]
+    except Exception:  # fall back to the toolkit's ptxas below
+        pass
+    toolkit = os.path.join(cuda_home(), "bin", "ptxas")
+    return toolkit if os.path.exists(toolkit) else shutil.which("ptxas")
+
+
+def ptxas_verbose(ptx: str, cc: int) -> str:
+    """ptxas -v report of a PTX text, for the target named in the PTX (sm_90a for wgmma code)."""
+    ptxas = triton_ptxas(cc)
+    if ptxas is None:
+        raise RuntimeError("no ptxas found")
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
+    arch = target.group(1) if target else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-300:]}")
+    return proc.stderr + proc.stdout
+
+
+def check_triton_spec(spec: dict, cc: int) -> Row:
+    """Compile one spec for compute capability ``cc`` and judge it."""
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    name = spec.get("name", "<unnamed>")
+    if missing:
+        return Row(name, f"sm_{cc}", status=f"FAIL: spec lacks {missing}")
+    if not hasattr(spec["fn"], "arg_names") or type(spec["fn"]).__name__ == "InterpretedFunction":
+        return Row(name, f"sm_{cc}", status="FAIL: kernel defined under TRITON_INTERPRET=1; run without it")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        compiled = triton.compile(make_ast_source(spec), target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+        ptx = compiled.asm["ptx"]
+        records = parse_ptxas_verbose(ptxas_verbose(ptx, cc))
+    except Exception as e:  # a compile error is this kernel's failure, reported in the table
+        msg = " ".join(str(e).split())[:160]
+        return Row(name, f"sm_{cc}", status=f"FAIL: {type(e).__name__}: {msg}")
+    if not records:
+        return Row(name, f"sm_{cc}", status="FAIL: no ptxas report")
+    rec = records[0]
+    smem = getattr(compiled.metadata, "shared", None)
+    instr = tensor_core_instr(ptx)
+    row = Row(name, rec["arch"], rec["regs"], smem, rec["spill_stores"], rec["spill_loads"], instr or "none",
+              spill_status(rec))
+    if spec["mma"] and instr is None and not row.failed:
+        row.status = "FAIL: no tensor-core instruction"
+    elif spec["mma"] and cc >= 90 and instr == "mma.sync" and not row.failed:
+        row.status = "ok (mma.sync, no wgmma)"
+    return row
+
+
+def check_triton(archs=ARCHS, module_names=None) -> tuple:
+    """(rows, lines naming the modules without Triton kernels)."""
+    rows, notes = [], []
+    for module, specs in collect_specs(module_names):
+        if specs is None:
+            notes.append(f"{module}: no Triton kernels")
+            continue
+        if not specs:
+            notes.append(f"{module}: aot_specs() is empty")
+        for spec in specs:
+            rows.extend(check_triton_spec(spec, cc) for cc in archs)
+    return rows, notes
+
+
+# ---- (c) report -----------------------------------------------------------------------------------
+def format_table(rows) -> str:
+    def cell(v):
+        return "-" if v is None else str(v)
+
+    header = ("kernel", "arch", "regs", "smem", "spills (st/ld B)", "tensor-core", "status")
+    body = [(r.kernel, r.arch, cell(r.regs), cell(r.smem),
+             "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}", r.tensor_core, r.status)
+            for r in rows]
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(x[i].ljust(widths[i]) for i in range(len(header))).rstrip() for x in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the csrc/*.cu checks")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton checks")
+    parser.add_argument("--specs-from", nargs="+", metavar="MODULE",
+                        help="take aot_specs() from these modules instead of unispeech_kernels.ops.*")
+    args = parser.parse_args(argv)
+    # Triton kernels must be real JIT functions (not interpreted), and nothing may be cached.
+    os.environ["TRITON_INTERPRET"] = "0"
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        if args.no_cuda:
+            print("SKIPPED CUDA sources: --no-cuda")
+        else:
+            cuda_rows, skipped = check_cuda_sources(args.arch)
+            if skipped:
+                print(skipped)
+            rows += cuda_rows
+        if args.no_triton:
+            print("SKIPPED Triton kernels: --no-triton")
+        else:
+            triton_rows, notes = check_triton(args.arch, args.specs_from)
+            for note in notes:
+                print(note)
+            rows += triton_rows
+    print(format_table(rows))
+    failed = [r for r in rows if r.failed]
+    print(f"check_kernels: {len(rows)} kernel builds, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
