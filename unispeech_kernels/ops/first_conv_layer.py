@@ -5,6 +5,16 @@ weight [C, 1, K], bias [C] or None. norm_mode "group": GroupNorm(C, C) (per chan
 statistics over the whole output, or over each utterance's real frames when batch_invariant);
 "layer": LayerNorm over channels per frame; "none": no norm (reserved for stacks without one).
 Memory-bound (C outputs per K-sample window), so it has its own kernels instead of a GEMM.
+
+Triton backend: the conv is recomputed wherever it is needed instead of being stored (K FMAs per
+output are cheaper than a round trip through memory), so the forward writes its output once and
+the backward saves nothing but the audio, the parameters and, in group mode, the [B, C] statistics.
+  forward  "layer"/"none": one pass (a program owns all C channels of its frames for LayerNorm).
+           "group": a statistics pass (per-split Welford/Chan partials of each (b, c) over time,
+           merged in torch: deterministic) then the output pass (conv, normalise, GELU).
+  backward "group": a reduction pass (sum over time of dz and dz * xhat per (b, c)), then one pass
+           that forms dy and reduces it into db, dW (per-split partials) and dx (per-frame taps,
+           overlap-added in torch); "layer"/"none": that last pass alone.
 """
 from __future__ import annotations
 
@@ -13,8 +23,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import triton
+
+from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
+from ._triton_helpers import NORM_GROUP, NORM_LAYER, NORM_NONE, TORCH_TO_TRITON, aot_spec, split_work
+from .first_conv_layer_kernels import (_first_conv_bwd_kernel, _first_conv_fwd_kernel,
+                                       _first_conv_group_bwd_reduce_kernel, _first_conv_group_stats_kernel)
 
 NORM_MODES = ("group", "layer", "none")
 
@@ -44,6 +60,7 @@ def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, no
     return y if upcast else y.to(dtype)
 
 
+
 first_conv_layer_op = Op("first_conv_layer")
 
 
@@ -53,6 +70,237 @@ def first_conv_layer_torch(input_values, weight, bias, stride, norm_mode, norm_w
     return first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, norm_weight,
                                       norm_bias, eps=eps, activation=activation,
                                       input_lengths=input_lengths, batch_invariant=batch_invariant)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_NORM_CODE = {"none": NORM_NONE, "layer": NORM_LAYER, "group": NORM_GROUP}
+_FWD_WARPS = 4
+_BWD_WARPS = 8
+_MAX_TILE = 8192  # fp32 elements of a [BLOCK_T, BLOCK_C] tile
+
+
+def _tiles(C: int, norm: int):
+    """(BLOCK_T, BLOCK_C): LayerNorm and the backward need every channel in one program."""
+    block_c = triton.next_power_of_2(C) if norm == NORM_LAYER else min(128, triton.next_power_of_2(C))
+    return max(1, min(64, _MAX_TILE // block_c)), block_c
+
+
+def _out_frames(L: int, K: int, stride: int) -> int:
+    return (L - K) // stride + 1
+
+
+def _group_stats(x, w, bias, frame_lengths, T, stride, eps):
+    """Per-(b, c) mean and 1/std over time of conv(x) (+ bias): [B, C] fp32 each."""
+    B, C, K = x.shape[0], w.shape[0], w.shape[1]
+    block_t, block_c = 64, min(128, triton.next_power_of_2(C))
+    splits, per = split_work(triton.cdiv(T, block_t), B * triton.cdiv(C, block_c), x.device)
+    stats = torch.empty(splits, B, C, 3, dtype=torch.float32, device=x.device)
+    _first_conv_group_stats_kernel[(splits, B, triton.cdiv(C, block_c))](
+        x, w, bias if bias is not None else w, frame_lengths if frame_lengths is not None else w, stats,
+        T, C, stride, x.stride(0), x.stride(1), per, KSIZE=K, HAS_BIAS=bias is not None,
+        HAS_LENGTHS=frame_lengths is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_FWD_WARPS)
+    count, part_mean, part_m2 = stats.unbind(-1)  # Chan's parallel merge of the splits
+    n = count.sum(0).clamp_min(1.0)
+    mean = (count * part_mean).sum(0) / n
+    m2 = (part_m2 + count * (part_mean - mean) ** 2).sum(0)
+    return mean.contiguous(), torch.rsqrt(m2 / n + eps).contiguous()
+
+
+def first_conv_fwd(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps):
+    """Launch the forward; returns (out [B, T, C], mean [B, C] fp32, rstd [B, C] fp32) where the
+    statistics are empty unless norm is group."""
+    B, L = x.shape
+    C, _, K = weight.shape
+    T = _out_frames(L, K, stride)
+    w = weight.reshape(C, K).contiguous()
+    mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    if norm == NORM_GROUP:
+        mean, rstd = _group_stats(x, w, bias, frame_lengths, T, stride, eps)
+    out = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+    block_t, block_c = _tiles(C, norm)
+    _first_conv_fwd_kernel[(triton.cdiv(T, block_t), B, triton.cdiv(C, block_c))](
+        x, w, bias if bias is not None else w, norm_weight if norm_weight is not None else w,
+        norm_bias if norm_bias is not None else w, mean if norm == NORM_GROUP else w,
+        rstd if norm == NORM_GROUP else w, out, T, C, stride, x.stride(0), x.stride(1), eps,
+        KSIZE=K, HAS_BIAS=bias is not None, NORM=norm, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=_FWD_WARPS)
+    return out, mean, rstd
+
+
+def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, stride,
+                   norm, eps, need_dx):
+    """Gradients (dx or empty, dW, db or empty, d norm weight or empty, d norm bias or empty)."""
+    B, L = x.shape
+    C, _, K = weight.shape
+    T = dout.shape[1]
+    w = weight.reshape(C, K).contiguous()
+    dummy = w
+    sdz = sdzx = dummy
+    dg = dbeta = None
+    if norm == NORM_GROUP:
+        block_c = min(128, triton.next_power_of_2(C))
+        splits, per = split_work(triton.cdiv(T, 64), B * triton.cdiv(C, block_c), x.device)
+        part = torch.empty(splits, B, C, 2, dtype=torch.float32, device=x.device)
+        _first_conv_group_bwd_reduce_kernel[(splits, B, triton.cdiv(C, block_c))](
+            dout, x, w, bias if bias is not None else dummy, norm_weight, norm_bias, mean, rstd, part,
+            T, C, stride, x.stride(0), x.stride(1), *dout.stride(), per, KSIZE=K,
+            HAS_BIAS=bias is not None, BLOCK_T=64, BLOCK_C=block_c, num_warps=_FWD_WARPS)
+        sums = part.sum(0)  # [B, C, 2]
+        sdz, sdzx = sums[..., 0].contiguous(), sums[..., 1].contiguous()
+        dbeta, dg = sdz.sum(0), sdzx.sum(0)
+    block_t, block_c = _tiles(C, NORM_LAYER)
+    splits, per = split_work(triton.cdiv(T, block_t), B, x.device)
+    kpad = triton.next_power_of_2(K)
+    dw = torch.empty(splits, B, C, kpad, dtype=torch.float32, device=x.device)
+    dvec = torch.empty(splits, B, 3, C, dtype=torch.float32, device=x.device)
+    gx = torch.empty(B, T, K, dtype=torch.float32, device=x.device) if need_dx else dw
+    has_norm = norm != NORM_NONE
+    _first_conv_bwd_kernel[(splits, B)](
+        dout, x, w, bias if bias is not None else dummy, norm_weight if has_norm else dummy,
+        norm_bias if has_norm else dummy, mean if norm == NORM_GROUP else dummy,
+        rstd if norm == NORM_GROUP else dummy, sdz, sdzx,
+        frame_lengths if frame_lengths is not None else dummy, dw, dvec, gx,
+        T, C, stride, x.stride(0), x.stride(1), *dout.stride(), eps, per, KSIZE=K, KPAD=kpad,
+        HAS_BIAS=bias is not None, NORM=norm, HAS_LENGTHS=frame_lengths is not None,
+        NEED_DX=need_dx, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_BWD_WARPS)
+    dvec = dvec.sum((0, 1))  # [3, C]
+    if norm == NORM_LAYER:
+        dg, dbeta = dvec[1], dvec[2]
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = torch.zeros(B, L, dtype=torch.float32, device=x.device)
+        span = stride * (T - 1) + 1
+        for k in range(K):  # overlap-add of the K taps of every frame
+            dx[:, k:k + span:stride] += gx[:, :, k]
+        dx = dx.to(x.dtype)
+    dweight = dw.sum((0, 1))[:, :K].reshape(C, 1, K).to(weight.dtype)
+    def grad(g, like):  # a fresh tensor each (custom-op outputs may not alias one another)
+        return g.to(like.dtype, copy=True) if g is not None else x.new_empty(0)
+    return dx, dweight, grad(dvec[0] if bias is not None else None, bias), grad(dg, norm_weight), \
+        grad(dbeta, norm_bias)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+@torch.library.custom_op(
+    "unispeech_kernels::first_conv_layer_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, Tensor? norm_bias, "
+           "Tensor? frame_lengths, int stride, int norm, float eps) -> (Tensor, Tensor, Tensor)")
+def _first_conv_fwd_op(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps):
+    return first_conv_fwd(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps)
+
+
+@_first_conv_fwd_op.register_fake
+def _(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps):
+    T = _out_frames(x.shape[1], weight.shape[-1], stride)
+    stats = (x.shape[0], weight.shape[0]) if norm == NORM_GROUP else (0,)
+    return (x.new_empty(x.shape[0], T, weight.shape[0]), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op(
+    "unispeech_kernels::first_conv_layer_bwd", mutates_args=(),
+    schema="(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, "
+           "Tensor? norm_bias, Tensor? frame_lengths, Tensor mean, Tensor rstd, int stride, int norm, "
+           "float eps, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _first_conv_bwd_op(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, stride,
+                       norm, eps, need_dx):
+    return first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd,
+                          stride, norm, eps, need_dx)
+
+
+@_first_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, stride, norm, eps,
+      need_dx):
+    def like(t, cond):
+        return torch.empty_like(t) if cond and t is not None else x.new_empty(0)
+    return (like(x, need_dx), torch.empty_like(weight), like(bias, True),
+            like(norm_weight, norm != NORM_NONE), like(norm_bias, norm != NORM_NONE))
+
+
+def _first_conv_setup(ctx, inputs, output):
+    x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd)
+    ctx.stride, ctx.norm, ctx.eps = stride, norm, eps
+
+
+def _first_conv_backward(ctx, dout, _dmean, _drstd):
+    x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = torch.ops.unispeech_kernels.first_conv_layer_bwd(
+        dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, ctx.stride, ctx.norm,
+        ctx.eps, need[0])
+    dx, dw, db, dg, dbeta = (g if n else None for g, n in zip(grads, need[:5]))
+    return dx, dw, db, dg, dbeta, None, None, None, None
+
+
+_first_conv_fwd_op.register_autograd(_first_conv_backward, setup_context=_first_conv_setup)
+
+
+def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
+                                  *, eps=1e-5, activation="gelu", input_lengths=None,
+                                  batch_invariant=False):
+    reason = triton_device_reason(input_values, weight, bias, norm_weight, norm_bias)
+    if reason:
+        return reason
+    if input_values.dtype not in TORCH_TO_TRITON:
+        return f"dtype {input_values.dtype} not supported (fp32, fp16, bf16)"
+    if activation != "gelu":
+        return f"activation {activation!r} not implemented in the kernels (only 'gelu')"
+    if weight.dim() != 3 or weight.shape[1] != 1:
+        return f"weight must be [C, 1, K], got {tuple(weight.shape)}"
+    if triton.next_power_of_2(weight.shape[0]) > _MAX_TILE:
+        return f"{weight.shape[0]} channels > {_MAX_TILE} (a program owns every channel)"
+    return None
+
+
+@first_conv_layer_op.register("triton", check=first_conv_layer_triton_check)
+def first_conv_layer_triton(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
+                            eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
+    norm = _NORM_CODE[norm_mode]
+    frame_lengths = None
+    if norm == NORM_GROUP and batch_invariant and input_lengths is not None:
+        T = _out_frames(input_values.shape[1], weight.shape[-1], stride)
+        frames = torch.div(input_lengths - weight.shape[-1], stride, rounding_mode="floor") + 1
+        frame_lengths = frames.clamp(0, T).to(torch.int32)
+    out, _, _ = _first_conv_fwd_op(input_values, weight, bias, norm_weight if norm else None,
+                                   norm_bias if norm else None, frame_lengths, int(stride), norm,
+                                   float(eps))
+    return out
+
+
+def aot_specs():
+    """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16 and fp16."""
+    specs = []
+    for dt in ("bf16", "fp16"):
+        common = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "T": "i32", "C": "i32",
+                  "stride": "i32", "stride_xb": "i32", "stride_xl": "i32"}
+        for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
+            block_t, block_c = _tiles(512, norm)
+            sig = dict(common, g_ptr=f"*{dt}", beta_ptr=f"*{dt}", mean_ptr="*fp32", rstd_ptr="*fp32",
+                       out_ptr=f"*{dt}", eps="fp32")
+            consts = dict(KSIZE=10, HAS_BIAS=name == "layer", NORM=norm, BLOCK_T=block_t, BLOCK_C=block_c)
+            specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", _first_conv_fwd_kernel, sig, consts, _FWD_WARPS))
+        sig = dict(common, len_ptr="*i32", stats_ptr="*fp32", tiles_per_prog="i32")
+        specs.append(aot_spec(f"first_conv_group_stats_{dt}", _first_conv_group_stats_kernel, sig,
+                           dict(KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=64, BLOCK_C=128),
+                           _FWD_WARPS))
+        grad = {"dout_ptr": f"*{dt}", "stride_ob": "i32", "stride_ot": "i32", "stride_oc": "i32",
+                "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                "tiles_per_prog": "i32"}
+        sig = dict(common, **grad, part_ptr="*fp32")
+        specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", _first_conv_group_bwd_reduce_kernel, sig,
+                           dict(KSIZE=10, HAS_BIAS=False, BLOCK_T=64, BLOCK_C=128), _FWD_WARPS))
+        for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
+            block_t, block_c = _tiles(512, NORM_LAYER)
+            sig = dict(common, **grad, sdz_ptr="*fp32", sdzx_ptr="*fp32", len_ptr="*i32", dw_ptr="*fp32",
+                       dvec_ptr="*fp32", gx_ptr="*fp32", eps="fp32")
+            consts = dict(KSIZE=10, KPAD=16, HAS_BIAS=name == "layer", NORM=norm, HAS_LENGTHS=False,
+                          NEED_DX=False, BLOCK_T=block_t, BLOCK_C=block_c)
+            specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", _first_conv_bwd_kernel, sig, consts, _BWD_WARPS))
+    return specs
 
 
 def first_conv_layer(input_values, weight, bias, stride: int, norm_mode: str,

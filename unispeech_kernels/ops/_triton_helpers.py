@@ -1,0 +1,63 @@
+"""Small pieces shared by the feature-encoder kernels: exact (erf) GELU and its derivative as
+``@triton.jit`` helpers, launch-size helpers, and the dtype names used by ``aot_specs()``."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import interpret_mode
+
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+NORM_NONE, NORM_LAYER, NORM_GROUP = 0, 1, 2  # kernel NORM constexpr values
+
+
+@triton.jit
+def gelu(x):
+    """Exact GELU on fp32: x * Phi(x)."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(x):
+    """d GELU / dx on fp32: Phi(x) + x * phi(x)."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+    return cdf + x * pdf
+
+
+@functools.lru_cache(None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs that fill the device a few times over (small under the interpreter)."""
+    if device.type != "cuda" or interpret_mode():
+        return 4
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_work(n_tiles: int, other_programs: int, device: torch.device):
+    """Split ``n_tiles`` tiles of a reduction axis over programs: (splits, tiles per split)."""
+    splits = max(1, min(n_tiles, triton.cdiv(target_programs(device), max(1, other_programs))))
+    per = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, per), per
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a length: the next power of two (at least 1024)."""
+    return max(1024, triton.next_power_of_2(n))
+
+
+def aot_spec(name, fn, sig, constexprs, num_warps, num_stages=1, mma=False):
+    """One aot_specs() entry; the signature lists every kernel argument in order."""
+    names = fn.arg_names
+    missing = [a for a in names if a not in sig and a not in constexprs]
+    if missing:
+        raise RuntimeError(f"aot spec {name}: no type for {missing}")
+    signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in names}
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
+            "num_warps": num_warps, "num_stages": num_stages, "mma": mma}
