@@ -1,0 +1,182 @@
+"""Our UniSpeech classes against transformers' (the reference), fp32: same weights, same outputs.
+
+Tiny random-weight configs; every output field, hidden_states and attentions tuples are compared
+with ALLCLOSE[float32] (relative 1e-5). Variants cover both feature-encoder norms, both encoder
+variants, conv_bias, uneven conv lists, odd and even positional kernels and head_dim 12 / 8.
+"""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import unispeech
+from tolerances import ALLCLOSE
+
+TOL = ALLCLOSE[torch.float32]
+BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=5,
+            num_conv_pos_embedding_groups=4, codevector_dim=16, proj_codevector_dim=16,
+            num_codevectors_per_group=7, classifier_proj_size=8, vocab_size=11, num_ctc_classes=9,
+            hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
+            final_dropout=0.0, layerdrop=0.0)
+VARIANTS = {
+    "group-postnorm": dict(),
+    "layer-stable-bias": dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
+    "uneven-convs-even-pos-headdim12": dict(conv_dim=(16, 24, 20), conv_kernel=(7, 4, 2), conv_stride=(3, 3, 2),
+                                            num_conv_pos_embeddings=4, hidden_size=36, num_attention_heads=3,
+                                            num_conv_pos_embedding_groups=3, feat_extract_norm="layer"),
+    "stable-group-odd-pos": dict(do_stable_layer_norm=True, num_conv_pos_embeddings=7, conv_bias=True),
+}
+HEADS = {"base": ("UniSpeechModel", {}), "ctc": ("UniSpeechForCTC", {}),
+         "cls": ("UniSpeechForSequenceClassification", dict(num_labels=3)),
+         "cls-weighted": ("UniSpeechForSequenceClassification", dict(num_labels=3, use_weighted_layer_sum=True)),
+         "pretraining": ("UniSpeechForPreTraining", {})}
+
+
+def build_pair(head="base", attn="eager", **overrides):
+    """transformers' model and ours with identical weights, both in eval mode."""
+    cls_name, head_kw = HEADS[head]
+    kw = {**BASE, **head_kw, **overrides}
+    hf_config = transformers.UniSpeechConfig(**kw)
+    hf_config._attn_implementation = "eager"
+    hf = getattr(transformers, cls_name)(hf_config).eval()
+    ours = getattr(unispeech, cls_name)(unispeech.UniSpeechConfig(**kw, attn_implementation=attn)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def audio(batch=3, length=1203, pad=(0, 377, 905)):
+    x = torch.randn(batch, length)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pad[:batch]):
+        if p:
+            mask[b, -p:] = 0
+            x[b, -p:] = 0.0
+    return x, mask
+
+
+def assert_same(theirs, ours, name="output"):
+    if theirs is None or ours is None:
+        assert theirs is None and ours is None, f"{name}: {type(theirs)} vs {type(ours)}"
+    elif isinstance(theirs, (tuple, list)):
+        assert len(theirs) == len(ours), f"{name}: {len(theirs)} vs {len(ours)} entries"
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            assert_same(a, b, f"{name}[{i}]")
+    else:
+        torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def assert_outputs_equal(theirs, ours, extra=()):
+    """Same fields in the same order (ours may add the named extra fields), same values."""
+    mine = [k for k in ours.keys() if k not in extra]
+    assert list(theirs.keys()) == mine, (list(theirs.keys()), mine)
+    for key in theirs.keys():
+        assert_same(theirs[key], ours[key], key)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_base_model_matches(variant, attn):
+    hf, ours = build_pair("base", attn, **VARIANTS[variant])
+    x, mask = audio()
+    with torch.no_grad():
+        for kwargs in (dict(attention_mask=mask), dict()):
+            theirs = hf(x, output_hidden_states=True, output_attentions=attn == "eager", **kwargs)
+            mine = ours(x, output_hidden_states=True, output_attentions=attn == "eager", **kwargs)
+            if attn == "sdpa":  # transformers' sdpa returns no attentions; ours are not requested
+                theirs.attentions = None
+            assert_outputs_equal(theirs, mine)
+
+
+@pytest.mark.parametrize("head", ["ctc", "cls", "cls-weighted", "pretraining"])
+@pytest.mark.parametrize("variant", ["group-postnorm", "layer-stable-bias"])
+def test_heads_match(head, variant):
+    hf, ours = build_pair(head, "eager", **VARIANTS[variant])
+    x, mask = audio()
+    kwargs = dict(attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    if head == "ctc":
+        kwargs["labels"] = torch.tensor([[1, 2, 3, 4, -100], [5, 5, 0, -100, -100], [7, 8, 9, 10, 1]])
+    elif head.startswith("cls"):
+        kwargs["labels"] = torch.tensor([0, 2, 1])
+    else:
+        kwargs["mask_time_indices"] = torch.rand(3, 59) < 0.3
+    with torch.no_grad():
+        theirs, mine = hf(**kwargs, input_values=x), ours(**kwargs, input_values=x)
+    # our pre-training head adds its loss (unispeech.pretraining) where transformers has none
+    losses = ("loss", "contrastive_loss", "diversity_loss", "ctc_loss") if head == "pretraining" else ()
+    assert_outputs_equal(theirs, mine, extra=losses)
+    if head != "pretraining":
+        with torch.no_grad():  # tuples, and hidden states only on request (classification)
+            kwargs.update(output_hidden_states=False, output_attentions=False)
+            assert_same(hf(x, return_dict=False, **kwargs), ours(x, return_dict=False, **kwargs), "tuple")
+
+
+@pytest.mark.parametrize("reduction,zero_inf", [("sum", True), ("mean", False)])
+def test_ctc_loss_semantics(reduction, zero_inf):
+    hf, ours = build_pair("ctc", ctc_loss_reduction=reduction, ctc_zero_infinity=zero_inf)
+    x, mask = audio(2, 800, (0, 300))
+    # second row: more labels than frames -> infinite loss unless zero_infinity; pad id 0 is ignored
+    labels = torch.tensor([[3, 3, 0, 4, -100, -100] + [-100] * 30, [1] * 36])
+    with torch.no_grad():
+        theirs = hf(x, attention_mask=mask, labels=labels).loss
+        mine = ours(x, attention_mask=mask, labels=labels).loss
+    assert torch.isfinite(mine) == zero_inf or reduction == "sum"
+    torch.testing.assert_close(mine, theirs, **TOL)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ours(x, labels=torch.tensor([[1, 11], [2, 3]]))
+
+
+def test_training_spec_augment_and_layerdrop_match():
+    """Training mode: random time + feature masks (same numpy seed) and LayerDrop (same torch
+    seed) pick the same frames/channels/layers as transformers; losses and every gradient agree."""
+    kw = dict(mask_time_prob=0.3, mask_time_length=3, mask_time_min_masks=2, mask_feature_prob=0.3,
+              mask_feature_length=4, mask_feature_min_masks=1, layerdrop=0.5, num_hidden_layers=4)
+    hf, ours = build_pair("ctc", "eager", **kw)
+    hf.train()
+    ours.train()
+    x, mask = audio()
+    labels = torch.tensor([[1, 2, 3], [4, 5, -100], [6, -100, -100]])
+    outs = []
+    for model in (hf, ours):
+        np.random.seed(7)
+        torch.manual_seed(7)
+        outs.append(model(x, attention_mask=mask, labels=labels, output_hidden_states=True))
+        outs[-1].loss.backward()
+    assert_outputs_equal(outs[0], outs[1])
+    assert len(outs[1].hidden_states) < 5, "seed 7 should drop at least one of 4 layers"
+    grads_hf = dict(hf.named_parameters())
+    reached = 0
+    for name, p in ours.named_parameters():
+        theirs = grads_hf[name].grad
+        assert (p.grad is None) == (theirs is None), f"{name}: gradient presence differs (dropped layer?)"
+        if theirs is not None:
+            reached += 1
+            torch.testing.assert_close(p.grad, theirs, **TOL, msg=lambda m: f"{name}: {m}")
+    assert reached > len(grads_hf) // 2
+
+
+def test_mask_indices_equal_transformers():
+    from transformers.models.unispeech.modeling_unispeech import _compute_mask_indices
+    from unispeech.masking import compute_mask_indices
+    frame_mask = torch.arange(40)[None, :] < torch.tensor([40, 17, 3, 9])[:, None]
+    for prob, length, min_masks, m in ((0.5, 4, 2, frame_mask), (0.05, 10, 0, None), (0.9, 1, 0, frame_mask)):
+        np.random.seed(3)
+        theirs = _compute_mask_indices((4, 40), prob, length, attention_mask=m, min_masks=min_masks)
+        np.random.seed(3)
+        ours = compute_mask_indices((4, 40), prob, length, attention_mask=m, min_masks=min_masks)
+        np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="mask_length"):
+        compute_mask_indices((2, 5), 0.5, 6)
+
+
+def test_pretraining_quantizer_training_matches():
+    hf, ours = build_pair("pretraining")
+    hf.quantizer.train()
+    ours.quantizer.train()
+    x, mask = audio()
+    outs = []
+    for model in (hf, ours):
+        torch.manual_seed(5)
+        outs.append(model(x, attention_mask=mask))
+    for key in ("projected_states", "projected_quantized_states", "codevector_perplexity"):
+        assert_same(outs[0][key], outs[1][key], key)
