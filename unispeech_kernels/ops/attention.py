@@ -30,7 +30,7 @@ from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reas
 from ..dispatch import Op
 from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_BLOCK, SM90_SMEM, _attn_bwd_dkdv_kernel,
                             _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
-                            _dropout_mask_kernel, attn_bwd, dot_precision, prune_by_budget, strides)
+                            _dropout_mask_kernel, _head_dim_mask, attn_bwd, dot_precision, prune_by_budget, strides)
 
 MAX_HEAD_DIM = 256
 
@@ -122,7 +122,7 @@ def _attn_fwd_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     if HAS_MASK:
         kv_end = tl.load(KvEnd + b)
     else:
@@ -338,3 +338,66 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropo
     check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     return attention_op(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale,
                         backend=backend)
+
+
+_AOT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_AOT_HEAD_DIMS = (64, 80, 128)
+_AOT_SEQ = 1024  # bucketed length of UniSpeech's 10-20 s utterances (499-999 frames)
+_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Keep": "*u8", "KvEnd": "*i32", "Seed": "*i64"}
+_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
+_INT_ARGS = ("H", "S", "S_BUCKET")
+
+
+def _aot_signature(fn, elem: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _POINTER_TYPES:
+            sig[name] = _POINTER_TYPES[name]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in _INT_ARGS or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "*" + elem
+    return sig
+
+
+def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
+    # the last dim is contiguous at real shapes: Triton specialises those strides to the constant 1
+    constexprs = {**{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}, **constexprs}
+    sig = _aot_signature(fn, elem, constexprs)
+    # what the JIT's specialisation sees at model shapes (D 64/80/128, H 16): 16-aligned pointers and
+    # strides divisible by 16. Without these hints loads compile unvectorised and unpipelined.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or (sig[a] == "i32" and (a.startswith("stride_") or a in ("H", "S_BUCKET")))}
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": constexprs, "attrs": attrs,
+            "num_warps": num_warps, "num_stages": num_stages, "mma": mma}
+
+
+def aot_specs():
+    """Every kernel config shipped for B 8, H 16, D 64/80/128, bf16/fp16, as an sm_90 device keeps
+    after pruning (with a padding mask; bf16 D 64 also with dropout), for ahead-of-time compile checks."""
+    specs = []
+    tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1),
+             ("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, "BLOCK_N", 2),
+             ("bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, "BLOCK_M", 1))
+    for dtype, elem in _AOT_DTYPES.items():
+        for d in _AOT_HEAD_DIMS:
+            block_d = max(16, triton.next_power_of_2(d))
+            for kname, fn, configs, resident, n_acc in tuned:
+                kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=block_d,
+                                       elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
+                                       max_smem=SM90_SMEM)
+                for c in kept:
+                    for dropout in ((False, True) if d == 64 and elem == "bf16" else (False,)):
+                        flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=True, HAS_DROPOUT=dropout,
+                                     UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
+                        tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
+                              f"_w{c.num_warps}_s{c.num_stages}{'_dropout' if dropout else ''}"
+                        specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
+            specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}", _attn_bwd_preprocess_kernel, elem,
+                                   dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d), 4, 1, False))
+    specs.append(_aot_spec("attn_dropout_mask", _dropout_mask_kernel, "u8", dict(BLOCK=64), 4, 1, False))
+    return specs

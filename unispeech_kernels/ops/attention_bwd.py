@@ -30,6 +30,17 @@ def _dropout_keep(seed, bh, S, q_idx, k_idx, dropout_p):
 
 
 @triton.jit
+def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[1, BLOCK_D] lanes holding a real head_dim entry; a constant when D is a power of two, so
+    loads and stores stay vectorised."""
+    if HEAD_DIM == BLOCK_D:
+        ok = tl.full([1, BLOCK_D], 1, tl.int1)
+    else:
+        ok = offs_d[None, :] < HEAD_DIM
+    return ok
+
+
+@triton.jit
 def _dropout_mask_kernel(
     Keep,  # [B*H, S, S] uint8 out: 1 where the kernels keep the probability
     Seed,  # [1] int64 dropout seed (device)
@@ -113,7 +124,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     if HAS_MASK:
         kv_end = tl.load(KvEnd + b)
     else:
@@ -204,7 +215,7 @@ def _attn_bwd_dq_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     if HAS_MASK:
         kv_end = tl.load(KvEnd + b)
     else:

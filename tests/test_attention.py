@@ -1,0 +1,215 @@
+"""Triton masked attention (forward + backward) against the fp64 reference, dropout, dispatch,
+torch.compile. Shapes [B, S, H, D]; the kernels run through TRITON_INTERPRET=1 on CPU machines."""
+import pytest
+import torch
+
+from tests.tolerances import assert_error_within
+from unispeech_kernels import BackendUnavailableError
+from unispeech_kernels.ops.attention import (aot_specs, attention, attention_op, attention_reference,
+                                             draw_dropout_seed, kv_end_from_mask)
+from unispeech_kernels.ops.attention_bwd import dropout_keep_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prefix_mask(lengths, seq):
+    return torch.arange(seq, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+
+
+def _inputs(B, S, H, D, dtype, qkv_views=False):
+    if qkv_views:  # non-contiguous views of one projection output, as models produce them
+        qkv = torch.randn(B, S, 3, H, D, device=DEVICE, dtype=dtype)
+        return list(qkv.unbind(2))
+    return [torch.randn(B, S, H, D, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+def _run(fn, q, k, v, grad, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_against_reference(q, k, v, mask, *, dropout_p=0.0, dropout_mask=None, softmax_scale=None,
+                            rng_seed=None):
+    """Output (real query rows) and dq, dk, dv within the tolerance of eager same-dtype vs fp64.
+    ``rng_seed``: torch.manual_seed right before the op (so it draws a known dropout seed)."""
+    dtype = q.dtype
+    B, S, H, D = q.shape
+    real = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
+    grad = torch.randn(B, S, H, D, device=q.device, dtype=dtype) * real[:, :, None, None]
+    kw = dict(softmax_scale=softmax_scale, dropout_p=dropout_p)
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    out, grads = _run(lambda *t: attention(*t, mask, backend="triton", **kw), q, k, v, grad)
+    ref_kw = dict(kw, dropout_mask=dropout_mask)
+    ref, ref_grads = _run(lambda *t: attention_reference(*t, mask, upcast=True, **ref_kw),
+                          q.double(), k.double(), v.double(), grad.double())
+    eager, eager_grads = _run(lambda *t: attention_reference(*t, mask, **ref_kw), q, k, v, grad)
+    rows = real[:, :, None, None].expand_as(out)
+    assert_error_within(out[rows], ref[rows], eager[rows], dtype, "out")
+    assert (out[~rows] == 0).all(), "padded query rows must be zero"
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        assert_error_within(g, rg, eg, dtype, name)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_padded_odd_lengths(dtype):
+    """S not a multiple of the block, odd lengths, a length-1 sequence, head_dim 24."""
+    q, k, v = _inputs(3, 37, 2, 24, dtype)
+    check_against_reference(q, k, v, _prefix_mask([37, 19, 1], 37))
+
+
+def test_fully_padded_sequence_gives_zeros():
+    q, k, v = _inputs(2, 21, 2, 16, torch.float16)
+    out = check_against_reference(q, k, v, _prefix_mask([0, 17], 21))
+    assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 80), (torch.bfloat16, 256), (torch.float32, 64)])
+def test_head_dims(dtype, D):
+    q, k, v = _inputs(2, 20, 1, D, dtype)
+    check_against_reference(q, k, v, _prefix_mask([20, 13], 20))
+
+
+def test_non_contiguous_qkv_views():
+    q, k, v = _inputs(2, 33, 2, 64, torch.bfloat16, qkv_views=True)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, _prefix_mask([33, 30], 33))
+
+
+def test_batch1_no_mask_custom_scale():
+    q, k, v = _inputs(1, 40, 3, 16, torch.float32)
+    check_against_reference(q, k, v, None, softmax_scale=0.37)
+
+
+def test_non_prefix_mask():
+    """Holes in the mask (not an audio case, but supported): masked keys and rows are excluded."""
+    mask = torch.rand(2, 35, device=DEVICE) < 0.6
+    mask[:, 3] = True
+    mask[1, 30:] = False
+    q, k, v = _inputs(2, 35, 2, 16, torch.float32)
+    check_against_reference(q, k, v, mask)
+
+
+def test_kv_end_from_mask():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert kv_end_from_mask(mask).tolist() == [2, 0, 3, 4]
+    assert kv_end_from_mask(mask).dtype == torch.int32
+
+
+def test_dropout_rate_within_binomial_bound():
+    p, B, H, S = 0.3, 2, 2, 64
+    keep = dropout_keep_mask(draw_dropout_seed(DEVICE), B, H, S, p)
+    n = keep.numel()
+    dropped = (~keep).sum().item() / n
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped - p) < 5 * sigma, f"drop rate {dropped:.4f}, expected {p} +- {5 * sigma:.4f}"
+    other = dropout_keep_mask(draw_dropout_seed(DEVICE), B, H, S, p)
+    assert (keep != other).any(), "a new seed must give a new mask"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_forward_backward_match_reference_with_kernel_mask(dtype):
+    """The mask regenerated from the seed the op drew reproduces its output and all gradients."""
+    p, B, S, H, D = 0.25, 2, 29, 2, 16
+    q, k, v = _inputs(B, S, H, D, dtype)
+    mask = _prefix_mask([29, 18], S)
+    torch.manual_seed(1234)
+    seed = draw_dropout_seed(DEVICE)
+    keep = dropout_keep_mask(seed, B, H, S, p)
+    check_against_reference(q, k, v, mask, dropout_p=p, dropout_mask=keep, rng_seed=1234)
+
+
+def test_dropout_reproducible_with_manual_seed():
+    q, k, v = _inputs(1, 18, 1, 16, torch.float32)
+    outs = []
+    for s in (5, 5, 6):
+        torch.manual_seed(s)
+        outs.append(attention(q, k, v, dropout_p=0.5, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def _bad(**over):
+    q, k, v = _inputs(2, 8, 2, 16, torch.float32)
+    args = dict(q=q, k=k, v=v, key_padding_mask=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("args,err,match", [
+    (dict(k=torch.randn(2, 9, 2, 16)), ValueError, "shapes differ"),
+    (dict(v=torch.randn(2, 8, 2, 16, dtype=torch.float16)), TypeError, "dtypes differ"),
+    (dict(k=torch.randn(2, 8, 2, 16, device="meta")), ValueError, "devices differ"),
+    (dict(q=torch.randn(1, 2, 1, 264), k=torch.randn(1, 2, 1, 264), v=torch.randn(1, 2, 1, 264)),
+     ValueError, "head_dim 264"),
+    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "shape"),
+    (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "bool"),
+    (dict(q=torch.randn(2, 8, 16)), ValueError, r"\[batch, seq, heads, head_dim\]"),
+])
+def test_bad_input_errors(args, err, match):
+    a = _bad(**args)
+    with pytest.raises(err, match=match):
+        attention(a["q"], a["k"], a["v"], a["key_padding_mask"], backend="triton")
+
+
+def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
+    with pytest.raises(BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):
+        attention(q, k, v, backend="triton")
+    assert attention_op.select(None, q, k, v, None).name == "torch"  # auto selection falls back
+
+
+def test_dispatch_choices_and_env_override(monkeypatch):
+    q, k, v = _inputs(1, 4, 1, 16, torch.float32)
+    assert attention_op.select(None, q, k, v, None).name == "triton"
+    doubles = [t.double() for t in (q, k, v)]
+    assert attention_op.select(None, *doubles, None).name == "torch"
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
+        attention(*doubles, backend="triton")
+    monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch")
+    assert attention_op.select(None, q, k, v, None).name == "torch"
+    torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 16, 1, 16, torch.float32))
+    mask = _prefix_mask([11], 16)
+
+    def fn(q, k, v):
+        return attention(q, k, v, mask, backend="triton").sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    fn(q, k, v).backward()
+    torch.testing.assert_close(loss, fn(q, k, v))
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_aot_specs_cover_model_shapes():
+    specs = aot_specs()
+    names = {s["name"] for s in specs}
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for elem in ("bf16", "fp16"):
+            for d in (64, 80, 128):
+                assert any(n.startswith(f"attn_{kernel}_{elem}_d{d}_") for n in names), (kernel, elem, d)
+    for s in specs:
+        assert set(s["signature"]) == set(s["fn"].arg_names)
+        assert all(s["signature"][c] == "constexpr" for c in s["constexprs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80])
+def test_gpu_model_shape_bf16(D):
+    """Real kernels with autotuning at a model-like shape."""
+    S = 300
+    q, k, v = _inputs(2, S, 4, D, torch.bfloat16)
+    check_against_reference(q, k, v, _prefix_mask([S, 173], S), dropout_p=0.0)
