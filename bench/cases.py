@@ -1,0 +1,123 @@
+"""What is benchmarked: model shapes, audio lengths and the case lists of each profile.
+
+A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without one):
+- "check": what `make gpu-check` runs; sized to finish inside its 15-minute budget on an H100.
+- "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
+- "cpu":   issue 2's CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
+           our model vs transformers; `make bench-cpu`): the op files collect no case there.
+
+Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
+drawn uniformly in [S/2, S] (seeded), so every batch is padded the way real batches are.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+SAMPLE_RATE = 16000
+SEED = 1234
+
+CONV = dict(conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2])
+# transformers field values of microsoft/unispeech-1350-en-17h-ky-ft style base / large models
+MODELS = {
+    "base": dict(CONV, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False,
+                 num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=32),
+    "large": dict(CONV, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                  num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=32),
+}
+
+
+def profile() -> str:
+    name = os.environ.get("BENCH_PROFILE") or ("check" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"BENCH_PROFILE={name!r}: valid profiles are {sorted(PROFILES)}")
+    return name
+
+
+def batch_lengths(seconds: float, batch: int, seed: int = SEED) -> list[int]:
+    """Sample counts: the first utterance is exactly `seconds` long, the rest uniform in [S/2, S]."""
+    longest = int(round(seconds * SAMPLE_RATE))
+    rng = random.Random(seed * 1000 + batch * 37 + longest)
+    return [longest] + [rng.randint(longest // 2, longest) for _ in range(batch - 1)]
+
+
+def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
+    out = []
+    for n in sample_lengths:
+        for k, s in zip(cfg["conv_kernel"], cfg["conv_stride"]):
+            n = (n - k) // s + 1
+        out.append(n)
+    return out
+
+
+# Each list entry is one shape; every implementation named runs at it, side by side.
+# "dtypes" are torch dtype names; "seconds" the longest utterance; "batch" the batch size.
+PROFILES = {
+    "check": {
+        "dtypes": ["bfloat16"],
+        "attention": dict(models=["base"], seconds=[1, 10, 30], batch=8,
+                          fwd=["triton", "cuda", "sdpa", "flex", "torch"], bwd=["triton", "sdpa", "flex", "torch"]),
+        "feature_encoder": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
+                                 impls=["triton", "cuda", "torch"]),
+                            dict(models=["base", "large"], seconds=[10], batch=8, impls=["compile"])],
+        "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
+                         fwd=["triton", "cuda", "torch"], fwd_bwd=["triton", "cuda", "torch"]),
+        "e2e_inference": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8, impls=["ours", "hf_sdpa"]),
+                          dict(models=["base"], seconds=[10], batch=8, impls=["hf_compile"])],
+        "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
+    },
+    "full": {
+        "dtypes": ["bfloat16", "float16"],
+        "attention": dict(models=["base", "large"], seconds=[1, 5, 10, 20, 30], batch=8,
+                          fwd=["triton", "cuda", "sdpa", "flex", "torch"], bwd=["triton", "sdpa", "flex", "torch"]),
+        "feature_encoder": [dict(models=["base", "large"], seconds=[1, 5, 10, 20, 30], batch=8,
+                                 impls=["triton", "cuda", "torch", "compile"])],
+        "pos_conv": dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
+                         fwd=["triton", "cuda", "torch", "compile"], fwd_bwd=["triton", "cuda", "torch"]),
+        "e2e_inference": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
+                               impls=["ours", "hf_sdpa", "hf_compile"])],
+        "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[5, 10, 20], batch=8,
+                                    impls=["ours", "hf_sdpa", "hf_compile"])],
+    },
+    "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
+        "dtypes": ["float32"],
+        "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[]),
+        "feature_encoder": [],
+        "pos_conv": dict(models=[], seconds=[], batch=2, fwd=[], fwd_bwd=[]),
+        "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa"],
+                               lengths=[160000, 112000])],  # exactly 10 s and 7 s
+        "e2e_ctc_train_step": [],
+    },
+}
+
+# timing knobs per device type: rounds are chosen to fill target_s, within [min_rounds, max_rounds]
+TIMING = {
+    "cuda": dict(target_s=0.6, min_rounds=10, max_rounds=100, warmup_rounds=2, cache_bytes=None),
+    "cpu": dict(target_s=4.0, min_rounds=5, max_rounds=20, warmup_rounds=0, cache_bytes=64 << 20),
+}
+
+
+def expand(entries, impl_key: str = "impls"):
+    """[(model, seconds, batch, impl, lengths)] of a profile section (dict or list of dicts), in order."""
+    if isinstance(entries, dict):
+        entries = [entries]
+    out = []
+    for e in entries:
+        for model in e["models"]:
+            for seconds in e["seconds"]:
+                lengths = e.get("lengths") or batch_lengths(seconds, e["batch"])
+                for impl in e[impl_key]:
+                    out.append((model, seconds, len(lengths), impl, lengths))
+    return out
+
+
+def section(name: str):
+    return PROFILES[profile()][name]
+
+
+def dtypes():
+    return [getattr(torch, d) for d in PROFILES[profile()]["dtypes"]]
