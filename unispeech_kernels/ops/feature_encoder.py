@@ -8,6 +8,12 @@ layer, one tensor per layer. Activation after every layer.
 
 input_lengths (samples, [B]) is only used with batch_invariant=True: the group-norm statistics
 are then taken over each utterance's real frames, so a padded batch equals single-utterance runs.
+
+Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
+backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm
+and GELU fused in, so nothing is transposed between layers. One torch.library op per layer, each
+with its autograd formula; a frozen encoder (no input or parameter requiring grad, or no_grad)
+saves nothing for backward.
 """
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
+from .conv_layer import conv_layer, conv_layer_check
+from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check
 
 
 def conv_output_length(length, kernel_sizes: Sequence[int], strides: Sequence[int]):
@@ -110,6 +119,45 @@ def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides,
     return feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                      norm_weights, norm_biases, eps=eps, activation=activation,
                                      input_lengths=input_lengths, batch_invariant=batch_invariant)
+
+
+def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                 norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                                 input_lengths=None, batch_invariant=False):
+    tensors = [input_values, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
+    reason = triton_device_reason(*tensors)
+    if reason:
+        return reason
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) != 1:
+        return f"mixed dtypes {sorted(map(str, dtypes))}"
+    reason = first_conv_layer_triton_check(
+        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
+        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
+        batch_invariant=batch_invariant)
+    if reason:
+        return f"layer 0: {reason}"
+    for i, w in enumerate(conv_weights[1:], 1):
+        if w.dim() != 3 or w.shape[1] != conv_weights[i - 1].shape[0]:
+            return f"layer {i}: weight {tuple(w.shape)} does not follow {conv_weights[i - 1].shape[0]} channels"
+        norm = (norm_weights[i], norm_biases[i]) if norm_mode == "layer" else (None, None)
+        reason = conv_layer_check(input_values, w, conv_biases[i], *norm)
+        if reason:
+            return f"layer {i}: {reason}"
+    return None
+
+
+@feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
+def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
+                           norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None,
+                           batch_invariant=False):
+    x = first_conv_layer_triton(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
+                                norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
+                                batch_invariant=batch_invariant)
+    for i in range(1, len(conv_weights)):
+        norm = ("layer", norm_weights[i], norm_biases[i]) if norm_mode == "layer" else ("none", None, None)
+        x = conv_layer(x, conv_weights[i], conv_biases[i], conv_strides[i], *norm, eps=eps)
+    return x
 
 
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,

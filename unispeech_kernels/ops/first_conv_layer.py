@@ -256,7 +256,7 @@ def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode,
     return None
 
 
-@first_conv_layer_op.register("triton", check=first_conv_layer_triton_check)
+@first_conv_layer_op.register("triton", check=first_conv_layer_triton_check, auto=False)
 def first_conv_layer_triton(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
                             eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
     norm = _NORM_CODE[norm_mode]
