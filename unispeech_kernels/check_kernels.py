@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
@@ -220,8 +221,10 @@ def check_triton_spec(spec: dict, cc: int) -> Row:
         ptx = compiled.asm["ptx"]
         records = parse_ptxas_verbose(ptxas_verbose(ptx, cc))
     except Exception as e:  # a compile error is this kernel's failure, reported in the table
+        where = traceback.extract_tb(e.__traceback__)[-1]
         msg = " ".join(str(e).split())[:160]
-        return Row(name, f"sm_{cc}", status=f"FAIL: {type(e).__name__}: {msg}")
+        return Row(name, f"sm_{cc}", status=f"FAIL: {type(e).__name__} ({os.path.basename(where.filename)}:"
+                                            f"{where.lineno}): {msg}")
     if not records:
         return Row(name, f"sm_{cc}", status="FAIL: no ptxas report")
     rec = records[0]
@@ -273,11 +276,14 @@ def main(argv=None) -> int:
     parser.add_argument("--specs-from", nargs="+", metavar="MODULE",
                         help="take aot_specs() from these modules instead of unispeech_kernels.ops.*")
     args = parser.parse_args(argv)
-    # Triton kernels must be real JIT functions (not interpreted), and nothing may be cached.
-    os.environ["TRITON_INTERPRET"] = "0"
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":
+        # Kernels imported under the interpreter cannot be compiled: start again without it.
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "unispeech_kernels.check_kernels", *argv], env=env).returncode
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
+        os.environ["TRITON_CACHE_DIR"] = cache  # nothing is reused across runs
         if args.no_cuda:
             print("SKIPPED CUDA sources: --no-cuda")
         else:
