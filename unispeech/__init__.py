@@ -2,6 +2,8 @@
 from .configuration import UniSpeechConfig
 from .heads import UniSpeechForCTC, UniSpeechForPreTraining, UniSpeechForSequenceClassification
 from .modeling import UniSpeechModel, UniSpeechPreTrainedModel
+from .processing import UniSpeechCTCTokenizer, UniSpeechFeatureExtractor, UniSpeechProcessor
 
 __all__ = ["UniSpeechConfig", "UniSpeechModel", "UniSpeechForCTC", "UniSpeechForSequenceClassification",
-           "UniSpeechForPreTraining", "UniSpeechPreTrainedModel"]
+           "UniSpeechForPreTraining", "UniSpeechPreTrainedModel", "UniSpeechFeatureExtractor",
+           "UniSpeechCTCTokenizer", "UniSpeechProcessor"]
