@@ -27,7 +27,7 @@ import triton.language as tl
 from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
-from .pos_conv_bwd import block_n, gelu_bwd, pos_conv_dw
+from .pos_conv_bwd import block_n, gelu_bwd, pos_conv_dw, round_bf16_rtne
 
 
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,8 @@ def check_pos_conv_inputs(hidden, weight, bias, groups):
         raise ValueError(f"pos_conv_embed: channels {c} not divisible by groups {groups}")
     if weight.dim() != 3 or weight.shape[0] != c or weight.shape[1] != c // groups:
         raise ValueError(f"pos_conv_embed: weight must be [{c}, {c // groups}, K], got {tuple(weight.shape)}")
+    if weight.shape[-1] < 1:
+        raise ValueError("pos_conv_embed: kernel size (weight.shape[-1]) must be >= 1")
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f"pos_conv_embed: bias must be [{c}], got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -93,7 +95,7 @@ def _pos_conv_conv_kernel(
     HAS_BIAS: tl.constexpr,    # add bias before the activation
     APPLY_GELU: tl.constexpr,  # out = res + gelu(pre) (forward) instead of res + pre (dX)
     STORE_PRE: tl.constexpr,   # save pre for GELU's backward (training forward)
-    UPCAST: tl.constexpr,      # dot in fp32 (bf16 under the Triton interpreter)
+    INTERP_BF16: tl.constexpr,  # bf16 under the Triton interpreter: fp32 dots, stores rounded by hand
     IEEE: tl.constexpr,        # fp32 inputs: exact fp32 dot, no tf32
     EVEN_R: tl.constexpr,      # KS * CG % BLOCK_R == 0: no mask on the reduction index
     BLOCK_T: tl.constexpr,     # frames per program (GEMM M)
@@ -127,7 +129,7 @@ def _pos_conv_conv_kernel(
             w_mask = w_mask & (offs_r < R)[:, None]
         a = tl.load(a_base + src * stride_at + c_in[None, :], mask=a_mask, other=0.0)
         w = tl.load(w_base + offs_r[:, None] * CG + offs_n[None, :], mask=w_mask, other=0.0)
-        if UPCAST:
+        if INTERP_BF16:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         if IEEE:
@@ -141,10 +143,14 @@ def _pos_conv_conv_kernel(
                   mask=mask, other=0.0).to(tl.float32)
     out_off = (b * T + offs_t[:, None]) * C + g * CG + offs_n[None, :]
     if STORE_PRE:
-        tl.store(pre_ptr + out_off, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        pre = round_bf16_rtne(acc) if INTERP_BF16 else acc
+        tl.store(pre_ptr + out_off, pre.to(pre_ptr.dtype.element_ty), mask=mask)
     if APPLY_GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    tl.store(out_ptr + out_off, (res + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    out = res + acc
+    if INTERP_BF16:
+        out = round_bf16_rtne(out)
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Autotune candidates (BLOCK_T, BLOCK_R, num_warps, num_stages), keyed on (T bucket, CG, K, dtype).
@@ -203,7 +209,7 @@ def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre):
         a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size, kernel_size // 2,
         a.stride(0), a.stride(1), res.stride(0), res.stride(1), _t_bucket(t), CG=cg, FLIP=flip,
         HAS_BIAS=bias is not None, APPLY_GELU=not flip, STORE_PRE=store_pre,
-        UPCAST=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn)
+        INTERP_BF16=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn)
     return out, (pre if store_pre else None)
 
 
@@ -223,21 +229,21 @@ def pos_conv_bwd(grad, hidden, weight, pre, groups: int, need_dx: bool, need_dw:
     """(dx, dW, db); a gradient that is not needed comes back as an empty tensor."""
     x = _channels_last(hidden)
     dy = grad.contiguous()
-    none = x.new_empty(0)
+    none = lambda: x.new_empty(0)  # noqa: E731  (a fresh one per slot: custom-op outputs may not alias)
     if x.numel() == 0:
-        return (dy.clone() if need_dx else none, torch.zeros_like(weight) if need_dw else none,
-                x.new_zeros(x.shape[-1]) if need_db else none)
+        return (dy.clone() if need_dx else none(), torch.zeros_like(weight) if need_dw else none(),
+                x.new_zeros(x.shape[-1]) if need_db else none())
     dpre = gelu_bwd(dy, pre)
-    dx = none
+    dx = none()
     if need_dx:
         dx, _ = _launch_conv(dpre, _flipped_weight(weight, groups), None, dy, weight.shape[-1],
                              flip=True, store_pre=False)
-    dw, db = none, none
+    dw, db = none(), none()
     if need_dw:
         dw, db = pos_conv_dw(x, dpre, weight.shape[-1], groups, need_db, split=dw_split)
     elif need_db:
         db = dpre.sum((0, 1), dtype=torch.float32).to(x.dtype)
-    return dx, dw, (db if need_db else none)
+    return dx, dw, (db if need_db else none())
 
 
 # ------------------------------------------------------- torch.library ops (torch.compile-safe)
@@ -335,3 +341,61 @@ def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = 
     """hidden + act(conv(hidden)) with same padding; see the module docstring."""
     check_pos_conv_inputs(hidden, weight, bias, groups)
     return pos_conv_op(hidden, weight, bias, groups=groups, activation=activation, backend=backend)
+
+
+# ------------------------------------------------------------------- ahead-of-time compile specs
+
+_AOT_SHAPES = {"base": (768, 16, 128), "large": (1024, 16, 128)}  # (C, groups, K) of UniSpeech
+
+
+def _in_arg_order(fn, signature):
+    return {name: signature[name] for name in fn.arg_names}
+
+
+def aot_specs():
+    """Every kernel config launched at UniSpeech base / large shapes, bf16 and fp16, for the
+    ahead-of-time compile check (registers, spills, tensor-core instructions). Extra key
+    ``divisible_by_16``: the arguments the JIT sees 16-divisible at those shapes (pointers, C and
+    strides); pass them as ``tt.divisibility`` attrs to compile what runs (vector loads, cp.async
+    pipelining), without them loads compile scalar and register counts are not representative."""
+    from . import pos_conv_bwd as bwd
+
+    specs = []
+    for size, (c, groups, ks) in _AOT_SHAPES.items():
+        cg = c // groups
+        for dt in ("bf16", "fp16"):
+            ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+            flags = dict(CG=cg, INTERP_BF16=False, IEEE=False, BLOCK_N=block_n(cg))
+            conv_sig = {**{p: f"*{dt}" for p in ("a_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "pre_ptr")},
+                        **ints("T", "C", "KS", "PAD", "stride_ab", "stride_at", "stride_rb", "stride_rt",
+                               "T_BUCKET")}
+            variants = {"fwd": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=False),
+                        "fwd_train": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=True),
+                        "dx": dict(FLIP=True, HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False)}
+            for variant, vflags in variants.items():
+                for bt, br, warps, stages in _CONV_CONFIGS:
+                    cx = {**flags, **vflags, "EVEN_R": ks * cg % br == 0, "BLOCK_T": bt, "BLOCK_R": br}
+                    specs.append(dict(
+                        name=f"pos_conv_{variant}_{size}_{dt}_t{bt}_r{br}", fn=_pos_conv_conv_kernel,
+                        signature=_in_arg_order(_pos_conv_conv_kernel, {**conv_sig, **{n: "constexpr" for n in cx}}),
+                        constexprs=cx,
+                        num_warps=warps, num_stages=stages, mma=True, divisible_by_16=[
+                            n for n in conv_sig if n.endswith("_ptr") or n.startswith("stride") or n == "C"]))
+            cfg = bwd._DW_CONFIG
+            cx = dict(CG=cg, COMPUTE_DB=True, INTERP_BF16=False, IEEE=False, BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=block_n(cg), BLOCK_S=cfg["BLOCK_S"])
+            dw_sig = {"x_ptr": f"*{dt}", "dp_ptr": f"*{dt}", "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}",
+                      **ints("T", "C", "KS", "PAD", "stride_xb", "stride_xt", "n_iters", "iters_per_split"),
+                      **{n: "constexpr" for n in cx}}
+            specs.append(dict(name=f"pos_conv_dw_{size}_{dt}", fn=bwd._pos_conv_dw_kernel,
+                              signature=_in_arg_order(bwd._pos_conv_dw_kernel, dw_sig),
+                              constexprs=cx, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                              mma=True, divisible_by_16=[n for n in dw_sig if n.endswith("_ptr") or n in
+                                                         ("C", "stride_xb", "stride_xt")]))
+    for dt in ("bf16", "fp16"):
+        specs.append(dict(name=f"pos_conv_gelu_bwd_{dt}", fn=bwd._gelu_bwd_kernel,
+                          signature={"dy_ptr": f"*{dt}", "pre_ptr": f"*{dt}", "dpre_ptr": f"*{dt}",
+                                     "N": "i32", "INTERP_BF16": "constexpr", "BLOCK": "constexpr"},
+                          constexprs={"INTERP_BF16": False, "BLOCK": bwd._GELU_BWD_BLOCK}, num_warps=4, num_stages=1, mma=False,
+                          divisible_by_16=["dy_ptr", "pre_ptr", "dpre_ptr", "N"]))
+    return specs

@@ -26,12 +26,22 @@ _GELU_BWD_BLOCK = 1024
 
 
 @triton.jit
+def round_bf16_rtne(v):
+    """fp32 -> the nearest bf16 value (ties to even), still fp32. The Triton interpreter's fp32 ->
+    bf16 cast truncates where the GPU rounds: kernels call this first under the interpreter."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gelu_bwd_kernel(
     dy_ptr,    # [N] contiguous gradient of the output
     pre_ptr,   # [N] contiguous pre-activation saved by the forward
     dpre_ptr,  # [N] contiguous output: dy * gelu'(pre)
     N,         # number of elements B * T * C
-    BLOCK: tl.constexpr,  # elements per program
+    INTERP_BF16: tl.constexpr,  # bf16 under the Triton interpreter: round stores by hand
+    BLOCK: tl.constexpr,        # elements per program
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -39,7 +49,10 @@ def _gelu_bwd_kernel(
     z = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
     pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-    tl.store(dpre_ptr + offs, (dy * (cdf + z * pdf)).to(dpre_ptr.dtype.element_ty), mask=mask)
+    dpre = dy * (cdf + z * pdf)
+    if INTERP_BF16:
+        dpre = round_bf16_rtne(dpre)
+    tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -58,7 +71,7 @@ def _pos_conv_dw_kernel(
     iters_per_split,  # frame blocks handled by one program along the split axis
     CG: tl.constexpr,          # channels per group
     COMPUTE_DB: tl.constexpr,  # also reduce dpre into db
-    UPCAST: tl.constexpr,      # dot in fp32 (bf16 under the Triton interpreter)
+    INTERP_BF16: tl.constexpr,  # bf16 under the Triton interpreter: fp32 dots, stores rounded by hand
     IEEE: tl.constexpr,        # fp32 inputs: exact fp32 dot, no tf32
     BLOCK_M: tl.constexpr,     # rows r = k * CG + ci per program
     BLOCK_N: tl.constexpr,     # output channels co per program (>= 16, CG padded)
@@ -90,7 +103,7 @@ def _pos_conv_dw_kernel(
         dp = tl.load(dp_ptr + (b * T + offs_s[:, None]) * C + g * CG + offs_n[None, :], mask=dp_mask, other=0.0)
         if COMPUTE_DB:
             db += tl.sum(dp.to(tl.float32), axis=0)
-        if UPCAST:
+        if INTERP_BF16:
             xa = xa.to(tl.float32)
             dp = dp.to(tl.float32)
         if IEEE:
@@ -98,6 +111,10 @@ def _pos_conv_dw_kernel(
         else:
             acc = tl.dot(tl.trans(xa), dp, acc)
     co = g * CG + offs_n
+    if INTERP_BF16:
+        if dw_ptr.dtype.element_ty == tl.bfloat16:
+            acc = round_bf16_rtne(acc)
+            db = round_bf16_rtne(db)
     dw_off = split * C * CG * KS + co[None, :] * (CG * KS) + ci[:, None] * KS + k[:, None]
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
     if COMPUTE_DB:
@@ -115,7 +132,8 @@ def gelu_bwd(dy: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     dy = dy.contiguous()
     dpre = torch.empty_like(pre)
     n = dy.numel()
-    _gelu_bwd_kernel[(triton.cdiv(n, _GELU_BWD_BLOCK),)](dy, pre, dpre, n, BLOCK=_GELU_BWD_BLOCK)
+    _gelu_bwd_kernel[(triton.cdiv(n, _GELU_BWD_BLOCK),)](
+        dy, pre, dpre, n, INTERP_BF16=interpret_upcast_bf16(dy.dtype), BLOCK=_GELU_BWD_BLOCK)
     return dpre
 
 
@@ -146,7 +164,7 @@ def pos_conv_dw(x, dpre, kernel_size: int, groups: int, compute_db: bool, split=
     grid = (m_tiles, groups * triton.cdiv(cg, bn), split)
     _pos_conv_dw_kernel[grid](
         x, dpre, dw, db, t, c, kernel_size, kernel_size // 2, x.stride(0), x.stride(1), n_iters,
-        iters_per_split, CG=cg, COMPUTE_DB=compute_db, UPCAST=interpret_upcast_bf16(x.dtype),
+        iters_per_split, CG=cg, COMPUTE_DB=compute_db, INTERP_BF16=interpret_upcast_bf16(x.dtype),
         IEEE=x.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_S=cfg["BLOCK_S"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = dw[0] if split == 1 else dw.sum(0).to(x.dtype)

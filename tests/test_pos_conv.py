@@ -1,0 +1,244 @@
+"""Triton positional conv embedding (forward + backward) against the fp64 reference: output and the
+gradients of x, g and v (through fold_weight_norm) and bias; awkward shapes, views, dispatch,
+torch.compile, bad input, ahead-of-time compile. Shapes x [B, T, C], weight [C, C / G, K]; the
+kernels run through TRITON_INTERPRET=1 on CPU machines."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.tolerances import assert_error_within
+from unispeech_kernels import BackendUnavailableError
+from unispeech_kernels.ops.pos_conv import (aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_embed,
+                                            pos_conv_fwd, pos_conv_op, pos_conv_reference)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(C, G, K, dtype, bias=True):
+    g = (torch.rand(1, 1, K, device=DEVICE) + 0.5).to(dtype)
+    v = torch.randn(C, C // G, K, device=DEVICE).to(dtype)
+    b = torch.randn(C, device=DEVICE).to(dtype) if bias else None
+    return g, v, b
+
+
+def _run(fn, x, g, v, b, dy, cast=None):
+    """fn(x, weight, bias) with weight = fold_weight_norm(g, v); returns the output and the
+    gradients of x, g, v, bias (in fp64 when cast is torch.float64)."""
+    leaves = [None if t is None else t.detach().to(cast or t.dtype).requires_grad_() for t in (x, g, v, b)]
+    xl, gl, vl, bl = leaves
+    out = fn(xl, fold_weight_norm(gl, vl), bl)
+    out.backward(dy.to(out.dtype))
+    return [out.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def check_against_reference(x, g, v, b, groups):
+    dtype = x.dtype
+    dy = torch.randn(x.shape, device=DEVICE).to(dtype)
+    triton_fn = lambda x, w, b: pos_conv_embed(x, w, b, groups=groups, backend="triton")  # noqa: E731
+    eager_fn = lambda x, w, b: pos_conv_reference(x, w, b, groups=groups)  # noqa: E731
+    got = _run(triton_fn, x, g, v, b, dy)
+    eager = _run(eager_fn, x, g, v, b, dy)
+    ref = _run(eager_fn, x, g, v, b, dy, cast=torch.float64)
+    for name, a, r, e in zip(("out", "dx", "dg", "dv", "dbias"), got, ref, eager):
+        if r is None:
+            assert a is None, f"{name}: gradient for a missing input"
+            continue
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
+        assert_error_within(a, r, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,T", [(16, 37), (7, 50), (16, 1), (16, 5), (7, 3)])  # even/odd K, T < K
+def test_matches_reference(dtype, K, T):
+    C, G = 32, 4
+    x = torch.randn(2, T, C, device=DEVICE).to(dtype)
+    check_against_reference(x, *_params(C, G, K, dtype), G)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_bias_batch_one(dtype):
+    x = torch.randn(1, 29, 32, device=DEVICE).to(dtype)
+    check_against_reference(x, *_params(32, 4, 16, dtype, bias=False), 4)
+
+
+@pytest.mark.parametrize("layout", ["frame_stride", "channels_first"])
+def test_non_contiguous_input(layout):
+    C, G, T = 32, 4, 23
+    if layout == "frame_stride":  # every other frame of a longer sequence
+        x = torch.randn(2, 2 * T, C, device=DEVICE)[:, ::2]
+    else:  # a [B, C, T] tensor seen as [B, T, C] (channel stride != 1)
+        x = torch.randn(2, C, T, device=DEVICE).transpose(1, 2)
+    assert not x.is_contiguous()
+    check_against_reference(x.to(torch.float16), *_params(C, G, 16, torch.float16), G)
+
+
+def test_one_group_wide_channels():
+    """G 1, CG 160 > 128: the output channels of a group span two program tiles (the last masked)."""
+    x = torch.randn(2, 6, 160, device=DEVICE)
+    check_against_reference(x, *_params(160, 1, 3, torch.float32), 1)
+
+
+def test_empty_sequence():
+    x = torch.randn(2, 0, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, 8, 16, device=DEVICE, requires_grad=True)
+    b = torch.randn(32, device=DEVICE, requires_grad=True)
+    out = pos_conv_embed(x, w, b, groups=4, backend="triton")
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_dw_split_reduction_matches_unsplit(split):
+    """dW/db reduced over frame blocks in fp32 partials equals the one-program reduction."""
+    C, G, K, T = 32, 4, 7, 70
+    x = torch.randn(2, T, C, device=DEVICE)
+    w = torch.randn(C, C // G, K, device=DEVICE) * 0.2
+    b = torch.randn(C, device=DEVICE)
+    _, pre = pos_conv_fwd(x, w, b, G, True)
+    dy = torch.randn_like(x)
+    _, dw1, db1 = pos_conv_bwd(dy, x, w, pre, G, False, True, True, dw_split=1)
+    _, dws, dbs = pos_conv_bwd(dy, x, w, pre, G, False, True, True, dw_split=split)
+    torch.testing.assert_close(dws, dw1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dbs, db1, atol=1e-5, rtol=1e-5)
+
+
+def test_only_some_gradients():
+    C, G, K = 32, 4, 16
+    x = torch.randn(2, 20, C, device=DEVICE)
+    w = torch.randn(C, C // G, K, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, device=DEVICE)
+    pos_conv_embed(x, w, b, groups=G, backend="triton").sum().backward()
+    w_ref = w.detach().double().requires_grad_()
+    pos_conv_reference(x.double(), w_ref, b.double(), groups=G).sum().backward()
+    torch.testing.assert_close(w.grad.double(), w_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_nothing_saved_without_grad():
+    x = torch.randn(2, 20, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, 8, 16, device=DEVICE, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = pos_conv_embed(x, w, None, groups=4, backend="triton")
+        assert out.grad_fn is None
+        out = pos_conv_embed(x.detach(), w.detach(), None, groups=4, backend="triton")
+        assert out.grad_fn is None
+        assert not packed
+        pos_conv_embed(x, w, None, groups=4, backend="triton")
+        assert len(packed) == 3  # x, weight, pre-activation
+
+
+def test_torch_compile_fullgraph():
+    C, G, K = 32, 4, 7
+    x = torch.randn(2, 13, C, device=DEVICE, requires_grad=True)
+    g, v, b = (t.requires_grad_() for t in _params(C, G, K, torch.float32))
+
+    def fn(x, g, v, b):
+        return pos_conv_embed(x, fold_weight_norm(g, v), b, groups=G, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, g, v, b)
+    grads = torch.autograd.grad(out.square().sum(), (x, g, v, b))
+    eager_out = fn(x, g, v, b)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), (x, g, v, b))
+    torch.testing.assert_close(out, eager_out)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_dispatch_reasons():
+    x = torch.randn(1, 8, 32, device=DEVICE)
+    w = torch.randn(32, 8, 16, device=DEVICE)
+    reasons = pos_conv_op.reasons(x, w, None, groups=4, activation="relu")
+    assert "gelu" in reasons["triton"]
+    reasons = pos_conv_op.reasons(x.double(), w.double(), None, groups=4)
+    assert "float64" in reasons["triton"]
+    assert pos_conv_op.reasons(x, w, None, groups=4)["triton"] is None
+    with pytest.raises(BackendUnavailableError, match="gelu"):
+        pos_conv_embed(x, w, None, groups=4, activation="relu", backend="triton")
+    torch.testing.assert_close(pos_conv_embed(x, w, None, groups=4, activation="relu", backend="torch"),
+                               pos_conv_reference(x, w, None, groups=4, activation="relu"))
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("hidden_2d", ValueError, "batch, frames, channels"),
+    ("int_hidden", TypeError, "floating point"),
+    ("groups", ValueError, "not divisible by groups"),
+    ("weight_shape", ValueError, "weight must be"),
+    ("bias_shape", ValueError, "bias must be"),
+    ("weight_dtype", TypeError, "weight is"),
+    ("kernel_size_0", ValueError, "kernel size"),
+])
+def test_bad_input(case, error, match):
+    x = torch.randn(2, 10, 32, device=DEVICE)
+    w = torch.randn(32, 8, 16, device=DEVICE)
+    b = torch.randn(32, device=DEVICE)
+    groups = 4
+    if case == "hidden_2d":
+        x = x[0]
+    elif case == "int_hidden":
+        x = x.long()
+    elif case == "groups":
+        groups = 5
+    elif case == "weight_shape":
+        w = w[:, :4]
+    elif case == "bias_shape":
+        b = b[:16]
+    elif case == "weight_dtype":
+        w = w.half()
+    elif case == "kernel_size_0":
+        w = w[..., :0]
+    with pytest.raises(error, match=match):
+        pos_conv_embed(x, w, b, groups=groups, backend="triton")
+
+
+def test_aot_specs_cover_model_shapes():
+    specs = aot_specs()
+    names = {s["name"] for s in specs}
+    for size in ("base", "large"):
+        for dt in ("bf16", "fp16"):
+            for kind in ("fwd", "fwd_train", "dx", "dw"):
+                assert any(n.startswith(f"pos_conv_{kind}_{size}_{dt}") for n in names), (kind, size, dt)
+    for s in specs:
+        arg_names = s["fn"].arg_names
+        assert list(s["signature"]) == arg_names, s["name"]
+        assert all(s["signature"][n] == "constexpr" for n in s["constexprs"]), s["name"]
+        assert set(s["divisible_by_16"]) <= set(s["signature"]), s["name"]
+
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import re, triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from unispeech_kernels.ops.pos_conv import aot_specs
+    for s in aot_specs():
+        if s["name"] not in ("pos_conv_fwd_base_bf16_t64_r64", "pos_conv_dw_large_fp16"):
+            continue
+        names = s["fn"].arg_names
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible_by_16"]}
+        k = triton.compile(ASTSource(s["fn"], s["signature"], s["constexprs"], attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+        ptx = k.asm["ptx"]
+        assert "wgmma.mma_async" in ptx, s["name"] + ": no wgmma"
+        assert "cp.async" in ptx, s["name"] + ": loads not pipelined"
+        assert ".local" not in ptx, s["name"] + ": local memory"
+        print(s["name"], "ok")
+""")
+
+
+def test_aot_compiles_for_sm90():
+    """A forward and a dW spec compile ahead of time for sm_90 with wgmma and pipelined loads."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count(" ok") == 2, run.stdout
