@@ -94,6 +94,19 @@ def test_attention_implementations_agree():
     torch.testing.assert_close(attn[0].sum(-1), torch.ones(2, 2, 34), **TOL)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fully_padded_row(attn):
+    """A row with no real sample runs (its outputs are meaningless) and changes no other row."""
+    m = model(feat_extract_norm="layer", attn_implementation=attn)
+    x = torch.randn(2, 500)
+    mask = torch.ones(2, 500, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        out = m(x, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(out[:1], m(x[:1]).last_hidden_state, **TOL)
+    assert torch.isfinite(out).all()
+
+
 def test_padding_does_not_leak():
     """Changing the audio under the mask changes nothing on the real frames."""
     m = model(feat_extract_norm="layer")

@@ -8,6 +8,8 @@ what transformers 5.x saves. The base-model prefix ``unispeech.`` is handled bot
 transformers: a base checkpoint loads into a head model (the head stays freshly initialised, with
 a warning) and a head checkpoint into the base model (head weights ignored, with a warning).
 Everything else is strict by default: one error lists missing, unexpected and mismatched keys.
+``torch_dtype``: None keeps float32 parameters, "auto" takes config.json's dtype (else the
+checkpoint's), or a torch dtype / its name. The model comes back in eval mode.
 """
 from __future__ import annotations
 
