@@ -56,7 +56,8 @@ Distributed training: every term is a SUM over the local shard (the global perpl
 ``M_local * diversity_global``), so the per-rank losses add up to the whole batch's loss; DDP
 AVERAGES gradients, so DDP gradients are the whole-batch gradients divided by the world size.
 Scale the learning rate (or the loss) by the world size / the global number of masked frames,
-as fairseq does, to get per-frame updates.
+as fairseq does, to get per-frame updates. An unlabeled batch leaves ``ctc_proj`` unused: mixing
+labelled and unlabeled batches under DDP needs ``find_unused_parameters=True``.
 """
 from __future__ import annotations
 
