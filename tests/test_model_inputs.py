@@ -194,6 +194,15 @@ def test_freeze_and_gradient_flow():
     assert all((p.grad is None) == name.startswith("unispeech.") for name, p in m.named_parameters())
 
 
+def test_weighted_layer_sum_with_layerdrop_trains():
+    """transformers' weighted sum breaks when LayerDrop skips a layer; ours counts it as identity."""
+    m = model(unispeech.UniSpeechForSequenceClassification, use_weighted_layer_sum=True, layerdrop=0.9,
+              num_hidden_layers=3).train()
+    out = m(torch.randn(2, 500), labels=torch.tensor([0, 1]), output_hidden_states=True)
+    out.loss.backward()
+    assert len(out.hidden_states) == 4 and m.layer_weights.grad is not None
+
+
 def test_output_object_access():
     m = model(unispeech.UniSpeechForCTC)
     with torch.no_grad():

@@ -183,6 +183,9 @@ class UniSpeechEncoder(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(UniSpeechEncoderLayer(config, self.stable)
                                     for _ in range(config.num_hidden_layers))
+        # True (set by the weighted-layer-sum head): a layer skipped by LayerDrop records its
+        # unchanged input, so hidden_states always has num_hidden_layers + 1 entries
+        self.record_skipped_layers = False
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions=False,
                 output_hidden_states=False) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
@@ -200,6 +203,8 @@ class UniSpeechEncoder(nn.Module):
         layerdrop = self.config.layerdrop if self.training else 0.0
         for layer in self.layers:
             if layerdrop > 0.0 and torch.rand([]) < layerdrop:
+                if output_hidden_states and self.record_skipped_layers:
+                    all_hidden.extend([hidden] * (2 - bool(all_hidden)))
                 continue
             if output_hidden_states and not all_hidden:
                 all_hidden.append(hidden)

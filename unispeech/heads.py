@@ -83,6 +83,7 @@ class UniSpeechForSequenceClassification(_HeadBase):
         if cfg.use_weighted_layer_sum:
             n = cfg.num_hidden_layers + 1  # transformer layers + their input
             self.layer_weights = nn.Parameter(torch.ones(n) / n)
+            self.unispeech.encoder.record_skipped_layers = True  # LayerDrop keeps n hidden states
         self.projector = nn.Linear(cfg.hidden_size, cfg.classifier_proj_size)
         self.classifier = nn.Linear(cfg.classifier_proj_size, cfg.num_labels)
         self.post_init()
