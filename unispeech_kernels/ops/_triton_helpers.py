@@ -28,6 +28,18 @@ def gelu_grad(x):
     return cdf + x * pdf
 
 
+@triton.jit
+def to_out(x, ptr):
+    """fp32 -> the element type of ``ptr``, rounded to nearest even. For bf16 the rounding is done on
+    the bits (the Triton interpreter truncates fp32 -> bf16, which biases every sum downstream);
+    the result is then exact in bf16, so GPUs give the same bits as their own rounding."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return x.to(ptr.dtype.element_ty)
+
+
 @functools.lru_cache(None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -128,9 +128,8 @@ def conv_layer_bwd(dout, x, weight, y, mean, rstd, norm_weight, norm_bias, strid
         norm_bias if norm else dummy, dy, dvec, M, C_out, *dout2.stride(), rows, NORM=bool(norm),
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8 if block_c >= 512 else 4)
     dvec = dvec.sum(0)
-    empty = x.new_empty(0)
-    dbias = dvec[0].to(x.dtype, copy=True) if has_bias else empty
-    dg = dvec[1].to(norm_weight.dtype, copy=True) if norm else empty
+    dbias = dvec[0].to(x.dtype, copy=True) if has_bias else x.new_empty(0)
+    dg = dvec[1].to(norm_weight.dtype, copy=True) if norm else x.new_empty(0)
     dbeta = dvec[2].to(norm_bias.dtype, copy=True) if norm else x.new_empty(0)
     # 2. dX: one dense GEMM per stride phase
     dx = x.new_empty(0)

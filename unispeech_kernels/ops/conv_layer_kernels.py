@@ -14,7 +14,7 @@ Shapes: x [B, T_in, C_in] (any strides); weight reorganised once per call to w [
 import triton
 import triton.language as tl
 
-from ._triton_helpers import gelu, gelu_grad
+from ._triton_helpers import gelu, gelu_grad, to_out
 
 
 @triton.jit
@@ -88,8 +88,8 @@ def _conv_fwd_kernel(
         offs = rm.to(tl.int64)[:, None] * C_out + n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if SAVE:
-            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + offs, gelu(acc).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offs, to_out(acc, y_ptr), mask=mask)
+        tl.store(out_ptr + offs, to_out(gelu(acc), out_ptr), mask=mask)
     else:
         # pass 1: pre-norm tiles to y, Chan-merged row statistics in fp32
         count = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -102,7 +102,7 @@ def _conv_fwd_kernel(
                                   KSIZE, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rm.to(tl.int64)[:, None] * C_out + n[None, :], acc.to(y_ptr.dtype.element_ty),
+            tl.store(y_ptr + rm.to(tl.int64)[:, None] * C_out + n[None, :], to_out(acc, y_ptr),
                      mask=m_mask[:, None] & n_mask[None, :])
             n_chunk = tl.minimum(C_out - n0, BLOCK_N).to(tl.float32)
             chunk_mean = tl.sum(tl.where(n_mask[None, :], acc, 0.0), axis=1) / n_chunk
@@ -126,7 +126,7 @@ def _conv_fwd_kernel(
             g = tl.load(g_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
             beta = tl.load(beta_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
             z = (y - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-            tl.store(out_ptr + offs, gelu(z).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, to_out(gelu(z), out_ptr), mask=mask)
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def _norm_act_bwd_kernel(
             dy = do * gelu_grad(y)
         dy = tl.where(mask, dy, 0.0)
         acc_db += tl.sum(dy, axis=0)
-        tl.store(dy_ptr + rows[:, None] * C + c[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + rows[:, None] * C + c[None, :], to_out(dy, dy_ptr), mask=mask)
     tl.store(dvec_ptr + pid * 3 * C + c, acc_db, mask=c_mask)
     tl.store(dvec_ptr + (pid * 3 + 1) * C + c, acc_dg, mask=c_mask)
     tl.store(dvec_ptr + (pid * 3 + 2) * C + c, acc_dbeta, mask=c_mask)
@@ -221,7 +221,7 @@ def _conv_bwd_dx_kernel(
                     mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
     out = dx_ptr + (bi.to(tl.int64) * T_in + t_in)[:, None] * C_in + ci[None, :]
-    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & ci_mask[None, :])
+    tl.store(out, to_out(acc, dx_ptr), mask=row_mask[:, None] & ci_mask[None, :])
 
 
 @triton.jit

@@ -8,7 +8,7 @@ gradients [B, T, C] channels-last; statistics [B, C] fp32. The conv is recompute
 import triton
 import triton.language as tl
 
-from ._triton_helpers import gelu, gelu_grad
+from ._triton_helpers import gelu, gelu_grad, to_out
 
 @triton.jit
 def _conv1_tile(x_row, w_ptr, b_ptr, t, c, t_mask, c_mask, stride, stride_xl,
@@ -68,7 +68,7 @@ def _first_conv_fwd_kernel(
         y = (y - mean[None, :]) * (rstd * g)[None, :] + beta[None, :]
     y = gelu(y)
     out = out_ptr + (b.to(tl.int64) * T + t[:, None]) * C + c[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    tl.store(out, to_out(y, out_ptr), mask=t_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit

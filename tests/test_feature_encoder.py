@@ -1,0 +1,178 @@
+"""Triton feature encoder (layer 0 + implicit-GEMM conv layers with fused norm + GELU), forward and
+backward, against the fp64 reference with eager same-dtype PyTorch as the error baseline.
+Shapes: audio [B, L] -> features [B, T, C]. Under TRITON_INTERPRET=1 on CPU: small channel counts
+(32 -> 32 -> 24 -> 16, so GEMM tiles of 16 see several and partial channel chunks)."""
+import pytest
+import torch
+
+from tests.tolerances import assert_error_within
+from unispeech_kernels.dispatch import BackendUnavailableError
+from unispeech_kernels.ops import conv_layer as conv_layer_module
+from unispeech_kernels.ops.conv_layer import aot_specs
+from unispeech_kernels.ops.feature_encoder import (conv_output_length, feature_encoder, feature_encoder_op,
+                                                   feature_encoder_reference, receptive_field)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DIMS, KERNELS, STRIDES = (32, 32, 24, 16), (10, 3, 3, 2), (5, 2, 2, 2)
+FIELD = receptive_field(KERNELS, STRIDES)
+
+
+def _params(norm_mode, conv_bias, dtype, dims=DIMS, kernels=KERNELS):
+    ws, bs, c_in = [], [], 1
+    for c, k in zip(dims, kernels):
+        ws.append(torch.randn(c, c_in, k) / (c_in * k) ** 0.5)
+        bs.append(0.3 * torch.randn(c) if conv_bias else None)
+        c_in = c
+    n_norm = len(dims) if norm_mode == "layer" else 1
+    gs = [1 + 0.2 * torch.randn(dims[i]) for i in range(n_norm)]
+    betas = [0.2 * torch.randn(dims[i]) for i in range(n_norm)]
+    to = [lambda t: t.to(DEVICE, dtype) if t is not None else None][0]
+    return [to(t) for t in ws], [to(t) for t in bs], [to(t) for t in gs], [to(t) for t in betas]
+
+
+def _run(fn, x, params, dtype, grad, strides=STRIDES, **kw):
+    """Output and gradients of every input / parameter (fresh leaves of ``dtype``)."""
+    ws, bs, gs, betas = ([t.detach().to(dtype).requires_grad_() if t is not None else None for t in group]
+                         for group in params)
+    xl = x.detach().to(dtype).requires_grad_()
+    out = fn(xl, ws, bs, list(strides), kw.pop("norm_mode"), gs, betas, **kw)
+    leaves = [t for t in [xl, *ws, *bs, *gs, *betas] if t is not None]
+    return out.detach(), torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+
+def _names(params):
+    ws, bs, gs, betas = params
+    names = ["input"] + [f"weight{i}" for i in range(len(ws))]
+    names += [f"bias{i}" for i, b in enumerate(bs) if b is not None]
+    return names + [f"norm_weight{i}" for i in range(len(gs))] + [f"norm_bias{i}" for i in range(len(betas))]
+
+
+def _check(norm_mode, conv_bias, dtype, B=2, L=1001, dims=DIMS, kernels=KERNELS, strides=STRIDES, **kw):
+    x = torch.randn(B, L, device=DEVICE, dtype=dtype)
+    params = _params(norm_mode, conv_bias, dtype, dims, kernels)
+    T = conv_output_length(L, kernels, strides)
+    grad = torch.randn(B, T, dims[-1], device=DEVICE, dtype=torch.float64)
+    kw = dict(kw, norm_mode=norm_mode, strides=strides)
+    out, grads = _run(lambda *a, **k: feature_encoder(*a, backend="triton", **k), x, params, dtype, grad,
+                      **dict(kw))
+    gold, gold_grads = _run(feature_encoder_reference, x, params, torch.float64, grad, **dict(kw))
+    eager, eager_grads = _run(feature_encoder_reference, x, params, dtype, grad, **dict(kw))
+    assert out.shape == (B, T, dims[-1]) and out.dtype == dtype
+    assert_error_within(out, gold, eager, dtype, "output")
+    names = _names(params)
+    assert len(names) == len(grads)
+    for name, g, ref, e in zip(names, grads, gold_grads, eager_grads):
+        assert g.dtype == dtype, name
+        assert_error_within(g, ref, e, dtype, f"d_{name}")
+
+
+@pytest.mark.parametrize("norm_mode", ["group", "layer"])
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fp32_forward_backward(norm_mode, conv_bias):
+    _check(norm_mode, conv_bias, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm_mode,conv_bias", [("group", False), ("layer", True)])
+def test_low_precision_forward_backward(dtype, norm_mode, conv_bias):
+    _check(norm_mode, conv_bias, dtype, L=601)
+
+
+def test_receptive_field_gives_one_frame():
+    _check("group", False, torch.float32, L=FIELD)
+    _check("layer", True, torch.float32, B=1, L=FIELD + 1)
+
+
+def test_stride_larger_than_kernel():
+    """A stride above the kernel size leaves input frames no output sees (zero gradient there)."""
+    _check("layer", True, torch.float32, L=700, dims=(16, 16, 16), kernels=(10, 2, 3), strides=(5, 3, 1))
+
+
+def test_batch_invariant_equals_single_utterances():
+    params = _params("group", False, torch.float32)
+    lengths = [801, 600, 433]
+    x = torch.zeros(3, lengths[0], device=DEVICE)
+    for i, n in enumerate(lengths):
+        x[i, :n] = torch.randn(n, device=DEVICE)
+    ws, bs, gs, betas = params
+    batched = feature_encoder(x, ws, bs, STRIDES, "group", gs, betas, backend="triton",
+                              input_lengths=torch.tensor(lengths, device=DEVICE), batch_invariant=True)
+    for i, n in enumerate(lengths):
+        single = feature_encoder(x[i:i + 1, :n], ws, bs, STRIDES, "group", gs, betas, backend="triton")
+        torch.testing.assert_close(batched[i:i + 1, :single.shape[1]], single, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_encoder_saves_nothing(monkeypatch):
+    """Frozen parameters (or no_grad) run the no-grad path: no pre-activations computed or saved."""
+    params = _params("layer", True, torch.float32)
+    x = torch.randn(1, 500, device=DEVICE)
+    saved, save_flags = [], []
+    real_fwd = conv_layer_module.conv_layer_fwd
+
+    def spy(*args):
+        save_flags.append(args[-1])
+        return real_fwd(*args)
+    monkeypatch.setattr(conv_layer_module, "conv_layer_fwd", spy)
+
+    def run(*groups):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            return feature_encoder(x, *groups, STRIDES, "layer", *params[2:], backend="triton")
+    run(*params[:2])
+    with torch.no_grad():
+        run([w.clone().requires_grad_() for w in params[0]], params[1])
+    assert saved == [] and save_flags == [False] * 6
+    out = run([w.clone().requires_grad_() for w in params[0]], params[1])
+    assert saved and save_flags[6:] == [True] * 3 and out.requires_grad
+
+
+def test_bad_input_raises_clear_errors():
+    ws, bs, gs, betas = _params("group", False, torch.float32)
+    with pytest.raises(ValueError, match="receptive field"):
+        feature_encoder(torch.randn(2, FIELD - 1, device=DEVICE), ws, bs, STRIDES, "group", gs, betas,
+                        backend="triton")
+    with pytest.raises(ValueError, match=r"\[batch, samples\]"):
+        feature_encoder(torch.randn(2, 1, 900, device=DEVICE), ws, bs, STRIDES, "group", gs, betas,
+                        backend="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        feature_encoder(torch.ones(2, 900, dtype=torch.int32, device=DEVICE), ws, bs, STRIDES, "group", gs,
+                        betas, backend="triton")
+    with pytest.raises(TypeError, match="does not match"):
+        feature_encoder(torch.randn(2, 900, device=DEVICE, dtype=torch.float64), ws, bs, STRIDES, "group",
+                        gs, betas, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="activation"):
+        feature_encoder(torch.randn(2, 900, device=DEVICE), ws, bs, STRIDES, "group", gs, betas,
+                        activation="relu", backend="triton")
+
+
+def test_dispatch_is_opt_in_until_benchmarked():
+    ws, bs, gs, betas = _params("group", False, torch.float32)
+    args = (torch.randn(1, 900, device=DEVICE), ws, bs, list(STRIDES), "group", gs, betas)
+    assert feature_encoder_op.reasons(*args)["triton"] is None
+    assert feature_encoder_op.select(None, *args).name != "triton"
+
+
+def test_torch_compile_fullgraph():
+    params = _params("group", True, torch.float32)
+    ws, bs, gs, betas = ([t.clone().requires_grad_() for t in group] for group in params)
+    x = torch.randn(2, 500, device=DEVICE)
+
+    def encode(x, ws, bs, gs, betas):
+        return feature_encoder(x, ws, bs, STRIDES, "group", gs, betas, backend="triton")
+    compiled = torch.compile(encode, fullgraph=True, backend="aot_eager")
+    out = compiled(x, ws, bs, gs, betas)
+    grads = torch.autograd.grad(out.sum(), [*ws, *bs])
+    ref = encode(x, ws, bs, gs, betas)
+    ref_grads = torch.autograd.grad(ref.sum(), [*ws, *bs])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_aot_specs_cover_the_gemms():
+    specs = aot_specs()
+    gemms = {s["name"] for s in specs if s["mma"]}
+    assert gemms == {f"conv_{k}_{dt}" for k in ("fwd_gelu", "fwd_layer", "bwd_dx", "bwd_dw")
+                     for dt in ("bf16", "fp16")}
+    for s in specs:
+        assert list(s["signature"]) == list(s["fn"].arg_names)
+        assert s["constexprs"].get("UPCAST") in (False, None)
