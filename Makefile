@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test clean
+.PHONY: install run test bench bench-cpu gpu-check report wheels clean
 
 install: $(STAMP)
 
@@ -23,6 +23,34 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# benchmarks (bench/results/README.md). GPU targets use the system python3 (BENCH_PY), never a venv.
+BENCH_PY    ?= python3
+BENCH_FILES := bench/test_attention.py bench/test_pos_conv.py bench/test_feature_encoder.py bench/test_e2e.py
+BENCH_OPTS  := -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+NEWEST      = $$(ls -t bench/results/*.json | head -1)
+
+# every op and model case (BENCH_PROFILE=full), then the report of the new results file
+bench:
+	BENCH_PROFILE=$${BENCH_PROFILE:-full} $(BENCH_PY) -m pytest $(BENCH_OPTS) $(BENCH_FILES); s=$$?; \
+	$(BENCH_PY) -m bench.report --summary $(NEWEST); exit $$s
+
+# issue 2's CPU comparison: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers
+bench-cpu: $(STAMP)
+	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py; s=$$?; \
+	$(PY) -m bench.report --summary $(NEWEST); exit $$s
+
+# on a CUDA machine, no network: build, GPU tests, benchmarks, results + plots, summary (<= 15 min)
+gpu-check:
+	bash bench/gpu_check.sh
+
+# markdown + PNG of RESULTS=bench/results/X.json (default: the newest file)
+report:
+	$(BENCH_PY) -m bench.report $(or $(RESULTS),$(NEWEST))
+
+# wheels gpu-check installs when the GPU machine lacks them; carry .wheels/ there (it is git-ignored)
+wheels:
+	python3 -m pip download -q --no-deps -d .wheels pytest-benchmark py-cpuinfo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
