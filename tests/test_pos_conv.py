@@ -76,6 +76,15 @@ def test_non_contiguous_input(layout):
     check_against_reference(x.to(torch.float16), *_params(C, G, 16, torch.float16), G)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,T", [(768, 499), (1024, 173)])
+def test_model_shapes_gpu(dtype, C, T):
+    """UniSpeech base / large (16 groups, K 128) through the compiled, autotuned kernels."""
+    x = torch.randn(2, T, C, device=DEVICE).to(dtype)
+    check_against_reference(x, *_params(C, 16, 128, dtype), 16)
+
+
 def test_one_group_wide_channels():
     """G 1, CG 160 > 128: the output channels of a group span two program tiles (the last masked)."""
     x = torch.randn(2, 6, 160, device=DEVICE)

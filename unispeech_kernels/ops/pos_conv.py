@@ -321,8 +321,9 @@ def _triton_check(hidden, weight, bias, *, groups, activation="gelu"):
         return reason
     if hidden.dtype not in _TRITON_DTYPES:
         return f"dtype {hidden.dtype} (supported: fp32, fp16, bf16)"
-    if max(hidden.numel(), weight.numel()) >= 2 ** 31:
-        return "tensor with 2^31 or more elements (kernels use int32 offsets)"
+    extent = sum((n - 1) * st for n, st in zip(hidden.shape, hidden.stride())) + 1
+    if max(extent, hidden.numel(), weight.numel()) >= 2 ** 31:
+        return "tensor spanning 2^31 or more elements (kernels use int32 offsets)"
     if hidden.shape[0] > 65535:
         return f"batch {hidden.shape[0]} > 65535 (grid axis limit)"
     return None
@@ -345,11 +346,16 @@ def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = 
 
 # ------------------------------------------------------------------- ahead-of-time compile specs
 
+def _spec(name, fn, types, constexprs, num_warps, num_stages, mma):
+    """One aot_specs entry; ``types`` gives the runtime arguments, constexprs complete the signature."""
+    types = {**types, **{n: "constexpr" for n in constexprs}}
+    return dict(name=name, fn=fn, signature={n: types[n] for n in fn.arg_names}, constexprs=constexprs,
+                num_warps=num_warps, num_stages=num_stages, mma=mma,
+                divisible_by_16=[n for n in fn.arg_names if n.endswith("_ptr") or n in _DIVISIBLE_16])
+
+
 _AOT_SHAPES = {"base": (768, 16, 128), "large": (1024, 16, 128)}  # (C, groups, K) of UniSpeech
-
-
-def _in_arg_order(fn, signature):
-    return {name: signature[name] for name in fn.arg_names}
+_DIVISIBLE_16 = ("C", "N", "stride_ab", "stride_at", "stride_rb", "stride_rt", "stride_xb", "stride_xt")
 
 
 def aot_specs():
@@ -361,41 +367,31 @@ def aot_specs():
     from . import pos_conv_bwd as bwd
 
     specs = []
-    for size, (c, groups, ks) in _AOT_SHAPES.items():
-        cg = c // groups
-        for dt in ("bf16", "fp16"):
+    variants = {"fwd": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=False),
+                "fwd_train": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=True),
+                "dx": dict(FLIP=True, HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False)}
+    for dt in ("bf16", "fp16"):
+        for size, (c, groups, ks) in _AOT_SHAPES.items():
+            cg = c // groups
+            ptrs = lambda *names: {n: f"*{dt}" for n in names}  # noqa: E731
             ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
-            flags = dict(CG=cg, INTERP_BF16=False, IEEE=False, BLOCK_N=block_n(cg))
-            conv_sig = {**{p: f"*{dt}" for p in ("a_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "pre_ptr")},
-                        **ints("T", "C", "KS", "PAD", "stride_ab", "stride_at", "stride_rb", "stride_rt",
-                               "T_BUCKET")}
-            variants = {"fwd": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=False),
-                        "fwd_train": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=True),
-                        "dx": dict(FLIP=True, HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False)}
-            for variant, vflags in variants.items():
+            conv_types = {**ptrs("a_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "pre_ptr"),
+                          **ints("T", "C", "KS", "PAD", "stride_ab", "stride_at", "stride_rb", "stride_rt",
+                                 "T_BUCKET")}
+            for variant, flags in variants.items():
                 for bt, br, warps, stages in _CONV_CONFIGS:
-                    cx = {**flags, **vflags, "EVEN_R": ks * cg % br == 0, "BLOCK_T": bt, "BLOCK_R": br}
-                    specs.append(dict(
-                        name=f"pos_conv_{variant}_{size}_{dt}_t{bt}_r{br}", fn=_pos_conv_conv_kernel,
-                        signature=_in_arg_order(_pos_conv_conv_kernel, {**conv_sig, **{n: "constexpr" for n in cx}}),
-                        constexprs=cx,
-                        num_warps=warps, num_stages=stages, mma=True, divisible_by_16=[
-                            n for n in conv_sig if n.endswith("_ptr") or n.startswith("stride") or n == "C"]))
+                    cx = dict(CG=cg, **flags, INTERP_BF16=False, IEEE=False, EVEN_R=ks * cg % br == 0,
+                              BLOCK_T=bt, BLOCK_N=block_n(cg), BLOCK_R=br)
+                    specs.append(_spec(f"pos_conv_{variant}_{size}_{dt}_t{bt}_r{br}", _pos_conv_conv_kernel,
+                                       conv_types, cx, warps, stages, mma=True))
             cfg = bwd._DW_CONFIG
             cx = dict(CG=cg, COMPUTE_DB=True, INTERP_BF16=False, IEEE=False, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=block_n(cg), BLOCK_S=cfg["BLOCK_S"])
-            dw_sig = {"x_ptr": f"*{dt}", "dp_ptr": f"*{dt}", "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}",
-                      **ints("T", "C", "KS", "PAD", "stride_xb", "stride_xt", "n_iters", "iters_per_split"),
-                      **{n: "constexpr" for n in cx}}
-            specs.append(dict(name=f"pos_conv_dw_{size}_{dt}", fn=bwd._pos_conv_dw_kernel,
-                              signature=_in_arg_order(bwd._pos_conv_dw_kernel, dw_sig),
-                              constexprs=cx, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                              mma=True, divisible_by_16=[n for n in dw_sig if n.endswith("_ptr") or n in
-                                                         ("C", "stride_xb", "stride_xt")]))
-    for dt in ("bf16", "fp16"):
-        specs.append(dict(name=f"pos_conv_gelu_bwd_{dt}", fn=bwd._gelu_bwd_kernel,
-                          signature={"dy_ptr": f"*{dt}", "pre_ptr": f"*{dt}", "dpre_ptr": f"*{dt}",
-                                     "N": "i32", "INTERP_BF16": "constexpr", "BLOCK": "constexpr"},
-                          constexprs={"INTERP_BF16": False, "BLOCK": bwd._GELU_BWD_BLOCK}, num_warps=4, num_stages=1, mma=False,
-                          divisible_by_16=["dy_ptr", "pre_ptr", "dpre_ptr", "N"]))
+            dw_types = {**ptrs("x_ptr", "dp_ptr", "dw_ptr", "db_ptr"),
+                        **ints("T", "C", "KS", "PAD", "stride_xb", "stride_xt", "n_iters", "iters_per_split")}
+            specs.append(_spec(f"pos_conv_dw_{size}_{dt}", bwd._pos_conv_dw_kernel, dw_types, cx,
+                               cfg["num_warps"], cfg["num_stages"], mma=True))
+        specs.append(_spec(f"pos_conv_gelu_bwd_{dt}", bwd._gelu_bwd_kernel,
+                           {"dy_ptr": f"*{dt}", "pre_ptr": f"*{dt}", "dpre_ptr": f"*{dt}", "N": "i32"},
+                           dict(INTERP_BF16=False, BLOCK=bwd._GELU_BWD_BLOCK), 4, 1, mma=False))
     return specs

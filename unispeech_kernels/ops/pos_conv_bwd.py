@@ -98,9 +98,11 @@ def _pos_conv_dw_kernel(
         offs_s = (it % n_tb) * BLOCK_S + tl.arange(0, BLOCK_S)
         src = offs_s[:, None] + k[None, :] - PAD  # [BLOCK_S, BLOCK_M] input frame of (s, r)
         x_mask = (src >= 0) & (src < T) & r_mask[None, :]
-        xa = tl.load(x_ptr + b * stride_xb + src * stride_xt + g * CG + ci[None, :], mask=x_mask, other=0.0)
+        x_off = b * stride_xb + src * stride_xt + g * CG + ci[None, :]
+        xa = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
         dp_mask = (offs_s < T)[:, None] & n_mask[None, :]
-        dp = tl.load(dp_ptr + (b * T + offs_s[:, None]) * C + g * CG + offs_n[None, :], mask=dp_mask, other=0.0)
+        dp_off = (b * T + offs_s[:, None]) * C + g * CG + offs_n[None, :]
+        dp = tl.load(dp_ptr + dp_off, mask=dp_mask, other=0.0)
         if COMPUTE_DB:
             db += tl.sum(dp.to(tl.float32), axis=0)
         if INTERP_BF16:
