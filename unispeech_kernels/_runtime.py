@@ -2,7 +2,6 @@
 which GPU is this. Each helper returns ``None`` when fine, else a reason string."""
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -14,14 +13,20 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(None)
-def triton_import_reason() -> Optional[str]:
+def _import_triton() -> Optional[str]:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the install
         return f"triton not importable ({type(e).__name__}: {e})"
     return None
+
+
+_TRITON_IMPORT_REASON = _import_triton()  # once per process; a plain value so torch.compile traces it
+
+
+def triton_import_reason() -> Optional[str]:
+    return _TRITON_IMPORT_REASON
 
 
 def triton_device_reason(*tensors: torch.Tensor, min_capability=(8, 0)) -> Optional[str]:
