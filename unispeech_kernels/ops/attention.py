@@ -190,7 +190,7 @@ def _fwd_prune(configs, named_args, **kwargs):
     q = named_args["Q"]
     return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, block_d=kwargs["BLOCK_D"],
                            elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
-                           max_smem=_device_smem(q.device.index))
+                           max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
 
 
 _fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
@@ -387,11 +387,11 @@ def aot_specs():
         for d in _AOT_HEAD_DIMS:
             block_d = max(16, triton.next_power_of_2(d))
             for kname, fn, configs, resident, n_acc in tuned:
-                kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=block_d,
-                                       elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
-                                       max_smem=SM90_SMEM)
-                for c in kept:
-                    for dropout in ((False, True) if d == 64 and elem == "bf16" else (False,)):
+                for dropout in ((False, True) if d == 64 and elem == "bf16" else (False,)):
+                    kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=block_d,
+                                           elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
+                                           max_smem=SM90_SMEM, dropout=dropout)
+                    for c in kept:
                         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=True, HAS_DROPOUT=dropout,
                                      UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \

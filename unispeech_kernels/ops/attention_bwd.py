@@ -265,7 +265,8 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV: BLOCK_N keys per program, dQ: BLOCK_M rows.
 BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2)]
+    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 8, 3),
+                         (32, 64, 4, 2), (32, 32, 4, 2)]
 ]
 BWD_DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -276,7 +277,10 @@ PREPROCESS_BLOCK_M = 64
 
 
 SM90_SMEM = 232448  # bytes of shared memory per block on H100 (sm_90); used when no GPU is queried
-MAX_FP32_PER_THREAD = 128  # register budget for the resident fp32 tiles, per thread
+# per-thread budget of resident fp32 tile values; the Philox dropout path needs ~60 more registers.
+# Set from ptxas on sm_90 (aot_specs): above these, 255 registers and spills.
+MAX_FP32_PER_THREAD = 112
+MAX_FP32_PER_THREAD_DROPOUT = 72
 
 
 @functools.lru_cache(None)
@@ -285,7 +289,7 @@ def _device_smem(index: int) -> int:
 
 
 def prune_by_budget(configs, *, resident: str, n_acc: int, block_d: int, elem_size: int, s_bucket: int,
-                    max_smem: int):
+                    max_smem: int, dropout: bool):
     """Keep the configs whose resident fp32 tiles (``n_acc`` accumulators of [``resident`` block,
     BLOCK_D] plus the [BLOCK_M, BLOCK_N] score tile) fit the register budget and whose pipelined
     streamed tiles fit shared memory; prefer blocks no larger than the bucketed length."""
@@ -298,7 +302,8 @@ def prune_by_budget(configs, *, resident: str, n_acc: int, block_d: int, elem_si
         other = c.kwargs["BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"]
         return (c.num_stages * 2 * other + 2 * r) * block_d * elem_size
 
-    fits = [c for c in configs if regs(c) <= MAX_FP32_PER_THREAD and smem(c) <= max_smem]
+    budget = MAX_FP32_PER_THREAD_DROPOUT if dropout else MAX_FP32_PER_THREAD
+    fits = [c for c in configs if regs(c) <= budget and smem(c) <= max_smem]
     short = [c for c in fits if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(s_bucket, 16)]
     return short or fits or [min(configs, key=regs)]
 
@@ -309,7 +314,7 @@ def _bwd_prune(resident: str, n_acc: int):
         q = named_args["Q"]
         return prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=kwargs["BLOCK_D"],
                                elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
-                               max_smem=_device_smem(q.device.index))
+                               max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
     return prune
 
 
