@@ -1,0 +1,167 @@
+"""Quick CPU checks of the benchmark tooling (no timing claims): the FLOP counts against design.md's
+numbers, a result row from the harness, error rows for failing implementations, the report turning a
+canned results file into markdown ratios and a PNG, and `python -m unispeech.run` on a tiny model."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from bench import harness, physics, report
+from unispeech_kernels import BackendUnavailableError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = dict(conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+            hidden_size=768, num_hidden_layers=12, intermediate_size=3072, num_conv_pos_embeddings=128,
+            num_conv_pos_embedding_groups=16, vocab_size=32)
+
+
+def test_flop_counts_match_design_table():
+    ten_s = [160000]  # 10 s of 16 kHz audio -> 499 frames
+    by_hand = 2 * 512 * 10 * 31999 + 2 * 512 * 512 * (3 * (15999 + 7999 + 3999 + 1999) + 2 * (999 + 499))
+    assert by_hand == pytest.approx(49e9, rel=0.01)  # design.md: 49 GFLOP per 10 s
+    assert physics.feature_encoder_flops(ten_s, BASE["conv_dim"], BASE["conv_kernel"], BASE["conv_stride"]) == by_hand
+    assert physics.pos_conv_flops([499], 768, 16, 128) == pytest.approx(4.71e9, rel=1e-2)
+    assert physics.attention_flops([499], 12, 64) == pytest.approx(0.765e9, rel=1e-2)
+    assert physics.attention_flops([499], 12, 64, backward=True) == 2.5 * physics.attention_flops([499], 12, 64)
+    total, fe = physics.model_forward_flops(ten_s, BASE)
+    per_layer = (total - fe - physics.pos_conv_flops([499], 768, 16, 128) - 499 * 2 * (512 + 32) * 768) / 12
+    assert per_layer == pytest.approx(7.07e9 + 0.765e9, rel=1e-2)  # projections + FFN + attention core
+    # padding adds no work: a 7 s utterance counts 7 s whatever the batch is padded to
+    assert physics.attention_flops([499, 349], 12, 64) == physics.attention_flops([499], 12, 64) \
+        + physics.attention_flops([349], 12, 64)
+
+
+def test_roofline_uses_the_larger_floor():
+    h100 = physics.peak_for("NVIDIA H100 80GB HBM3")
+    assert h100.tensor_tflops == 790.0 and h100.tbps == 3.0
+    compute_bound = physics.roofline(790e9, 1e6, 2e-3, h100, "bfloat16")  # 1 ms of tensor work in 2 ms
+    assert compute_bound["pct_of_peak"] == pytest.approx(50.0)
+    assert compute_bound["tflops"] == pytest.approx(395.0)
+    memory_bound = physics.roofline(1e9, 3e9, 1e-3, h100, "bfloat16")  # 1 ms of HBM traffic in 1 ms
+    assert memory_bound["pct_of_peak"] == pytest.approx(100.0)
+    assert physics.peak_for("AMD EPYC") is None
+    assert physics.roofline(1e9, None, 1.0, None, "float32")["pct_of_peak"] is None
+
+
+def _case(impl="torch"):
+    return harness.Case("attention_fwd", impl, torch.float32, "tiny", {"batch": 2}, flops=2e6, nbytes=1e5)
+
+
+def test_harness_row_from_pytest_benchmark(benchmark):
+    rec = harness.Recorder(ROOT, None, 1)
+    sets = [(torch.randn(64, 64), torch.randn(64, 64)) for _ in range(3)]
+    rec.run(benchmark, _case(), torch.mm, sets, torch.device("cpu"))
+    (row,) = rec.rows
+    assert row["error"] is None and row["calls_per_round"] == 3 and row["rounds"] >= 5
+    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert row["tflops"] == pytest.approx(2e6 / (row["median_ms"] * 1e-3) / 1e12)
+    assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] >= 0
+    assert benchmark.group == "attention_fwd float32 tiny"
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+def test_harness_unavailable_backend_is_a_row(benchmark):
+    rec = harness.Recorder(ROOT, None, 1)
+
+    def refuse(x):
+        raise BackendUnavailableError("attention: backend 'triton' cannot run this input (triton: no GPU)")
+
+    with pytest.raises(pytest.skip.Exception):
+        rec.run(benchmark, _case("triton"), refuse, [(torch.ones(1),)], torch.device("cpu"))
+    assert rec.rows[0]["error"].startswith("unavailable: attention: backend 'triton'")
+    assert rec.rows[0]["median_ms"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+def test_harness_failing_baseline_is_skipped_but_ours_fails(benchmark):
+    rec = harness.Recorder(ROOT, None, 2)
+
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    with pytest.raises(pytest.skip.Exception):
+        rec.run(benchmark, _case("flex"), broken, [(torch.ones(1),)], torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        rec.run(benchmark, _case("triton"), broken, [(torch.ones(1),)], torch.device("cpu"))
+    assert [r["error"] for r in rec.rows] == ["error: RuntimeError: kernel exploded"] * 2
+
+
+def _row(op, impl, shape, ms, **kw):
+    row = dict(op=op, impl=impl, dtype="bfloat16", shape=shape, params={}, median_ms=ms,
+               p20_ms=None if ms is None else 0.9 * ms, p80_ms=None if ms is None else 1.1 * ms,
+               tflops=None, gbps=None, pct_of_peak=None, peak_mem_mb=None, error=None)
+    row.update(kw)
+    return row
+
+
+CANNED = dict(device="NVIDIA H100 80GB HBM3", date="2026-11-24T10:00:00", commit="abc123", torch="2.11.0",
+              triton="3.6.0", cuda="13.0", transformers="5.17.0", profile="check",
+              peak=dict(tensor_tflops=790.0, fp32_tflops=67.0, tbps=3.0, source="measured (design.md)"),
+              rows=[_row("attention_fwd", "triton", "base S499", 1.0, tflops=300.0, pct_of_peak=38.0),
+                    _row("attention_fwd", "sdpa", "base S499", 2.0),
+                    _row("attention_fwd", "flex", "base S499", 1.5),
+                    _row("attention_fwd", "torch", "base S499", 4.0),
+                    _row("attention_fwd", "cuda", "base S499", None, error="unavailable: not built"),
+                    _row("feature_encoder_fwd", "triton", "base L160000", None,
+                         error="error: RuntimeError: out of resources"),
+                    _row("feature_encoder_fwd", "torch", "base L160000", 3.0),
+                    _row("e2e_inference", "ours", "base B8 10s", 10.0, rel_diff=1e-3, max_abs_diff=2e-3,
+                         vs="hf_sdpa"),
+                    _row("e2e_inference", "hf_sdpa", "base B8 10s", 12.0),
+                    _row("e2e_inference", "hf_compile", "base B8 10s", 11.0)])
+
+
+def test_report_markdown_ratios_and_png(tmp_path, capsys):
+    path = tmp_path / "2026-11-24_nvidia-h100-80gb-hbm3.json"
+    path.write_text(json.dumps(CANNED))
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    md = (out / (path.stem + ".md")).read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "790" in md
+    # summary: ours vs the fastest baseline
+    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in md
+    assert "| e2e_inference | base B8 10s | bfloat16 | ours | 10.000 | hf_compile | 11.000 | 1.10x |" in md
+    assert re.search(r"\| feature_encoder_fwd \| base L160000 \| bfloat16 \| triton \| FAILED: error: RuntimeError", md)
+    # per-op ratio table: one column per baseline
+    assert "| base S499 | bfloat16 | triton | 1.000 | 300 | 38 | – | 1.50x | 2.00x | 4.00x |" in md
+    assert "| base B8 10s | bfloat16 | ours | 10.000 | – | – | – | 1.10x | 1.20x |" in md
+    assert "unavailable: not built" in md and "rel diff 1.0e-03" in md
+    png = (out / (path.stem + ".png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert md.strip() in capsys.readouterr().out
+
+    assert report.main([str(path), "--out", str(out), "--summary", "--no-plot"]) == 0
+    summary = capsys.readouterr().out
+    assert "1.50x" in summary and "### Every row" not in summary and "1 row(s) failed" in summary
+
+
+def test_report_rejects_other_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not a benchmark result file"):
+        report.load(str(path))
+
+
+def test_run_main_job_on_a_tiny_checkpoint(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from unispeech import run
+
+    cfg = transformers.UniSpeechConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=48, conv_dim=(32, 32), conv_kernel=(10, 3),
+                                       conv_stride=(5, 2), num_conv_pos_embeddings=15,
+                                       num_conv_pos_embedding_groups=4, vocab_size=12)
+    torch.manual_seed(0)
+    transformers.UniSpeechForCTC(cfg).save_pretrained(str(tmp_path))
+    assert run.main(["--checkpoint", str(tmp_path), "--seconds", "0.2", "--batch", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 3, lengths [0.2, 0.16, 0.12] s" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if re.match(r"^(eager|sdpa|triton|cuda) ", line)}
+    assert set(rows) == {"eager", "sdpa", "triton", "cuda"}
+    for name in ("eager", "sdpa"):
+        time_ms, diff = rows[name].split()[3:5]
+        assert float(time_ms) > 0 and float(diff) <= 1e-5
+    assert "unavailable" in rows["cuda"] or float(rows["cuda"].split()[4]) <= 1e-5
+    match = re.search(r"vs transformers .*-> ours ([\d.]+)x as fast, max \|diff\| ([\d.e+-]+)", out)
+    assert match and float(match.group(2)) <= 1e-5
