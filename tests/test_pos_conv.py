@@ -35,11 +35,12 @@ def _run(fn, x, g, v, b, dy, cast=None):
     return [out.detach()] + [None if t is None else t.grad for t in leaves]
 
 
-def check_against_reference(x, g, v, b, groups):
+def check_against_reference(x, g, v, b, groups, residual=True):
     dtype = x.dtype
     dy = torch.randn(x.shape, device=DEVICE).to(dtype)
-    triton_fn = lambda x, w, b: pos_conv_embed(x, w, b, groups=groups, backend="triton")  # noqa: E731
-    eager_fn = lambda x, w, b: pos_conv_reference(x, w, b, groups=groups)  # noqa: E731
+    triton_fn = lambda x, w, b: pos_conv_embed(x, w, b, groups=groups, residual=residual,  # noqa: E731
+                                               backend="triton")
+    eager_fn = lambda x, w, b: pos_conv_reference(x, w, b, groups=groups, residual=residual)  # noqa: E731
     got = _run(triton_fn, x, g, v, b, dy)
     eager = _run(eager_fn, x, g, v, b, dy)
     ref = _run(eager_fn, x, g, v, b, dy, cast=torch.float64)
@@ -63,6 +64,13 @@ def test_matches_reference(dtype, K, T):
 def test_no_bias_batch_one(dtype):
     x = torch.randn(1, 29, 32, device=DEVICE).to(dtype)
     check_against_reference(x, *_params(32, 4, 16, dtype, bias=False), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_residual(dtype):
+    """residual=False (callers that add the residual themselves, e.g. patched transformers models)."""
+    x = torch.randn(2, 31, 32, device=DEVICE).to(dtype)
+    check_against_reference(x, *_params(32, 4, 16, dtype), 4, residual=False)
 
 
 @pytest.mark.parametrize("layout", ["frame_stride", "channels_first"])

@@ -1,4 +1,5 @@
 """Positional convolutional embedding with its residual: out = x + act(trim(conv(x))).
+(``residual=False`` returns act(trim(conv(x))) alone, for callers that add the residual themselves.)
 
 Shapes: hidden x [B, T, C] -> [B, T, C]. weight W [C, CG, K] with CG = C / G channels per group
 (weight norm already folded, see ``fold_weight_norm``), bias [C] or None; padding P = K // 2 on
@@ -37,7 +38,7 @@ def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Te
     return weight_v * (weight_g / norm)
 
 
-def pos_conv_reference(hidden, weight, bias, *, groups, activation="gelu", upcast=False):
+def pos_conv_reference(hidden, weight, bias, *, groups, activation="gelu", residual=True, upcast=False):
     dtype = hidden.dtype
     if upcast:
         hidden, weight = hidden.double(), weight.double()
@@ -46,7 +47,9 @@ def pos_conv_reference(hidden, weight, bias, *, groups, activation="gelu", upcas
     y = F.conv1d(hidden.transpose(1, 2), weight, bias, padding=k // 2, groups=groups)
     if k % 2 == 0:
         y = y[:, :, :-1]
-    out = hidden + get_activation(activation)(y).transpose(1, 2)
+    out = get_activation(activation)(y).transpose(1, 2)
+    if residual:
+        out = hidden + out
     return out if upcast else out.to(dtype)
 
 
@@ -95,6 +98,7 @@ def _pos_conv_conv_kernel(
     HAS_BIAS: tl.constexpr,    # add bias before the activation
     APPLY_GELU: tl.constexpr,  # out = res + gelu(pre) (forward) instead of res + pre (dX)
     STORE_PRE: tl.constexpr,   # save pre for GELU's backward (training forward)
+    ADD_RES: tl.constexpr,     # add the residual (res_ptr) in the epilogue
     INTERP_BF16: tl.constexpr,  # bf16 under the Triton interpreter: fp32 dots, stores rounded by hand
     IEEE: tl.constexpr,        # fp32 inputs: exact fp32 dot, no tf32
     EVEN_R: tl.constexpr,      # KS * CG % BLOCK_R == 0: no mask on the reduction index
@@ -139,15 +143,16 @@ def _pos_conv_conv_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + g * CG + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = (offs_t < T)[:, None] & n_mask[None, :]
-    res = tl.load(res_ptr + b * stride_rb + offs_t[:, None] * stride_rt + g * CG + offs_n[None, :],
-                  mask=mask, other=0.0).to(tl.float32)
     out_off = (b * T + offs_t[:, None]) * C + g * CG + offs_n[None, :]
     if STORE_PRE:
         pre = round_bf16_rtne(acc) if INTERP_BF16 else acc
         tl.store(pre_ptr + out_off, pre.to(pre_ptr.dtype.element_ty), mask=mask)
     if APPLY_GELU:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    out = res + acc
+    out = acc
+    if ADD_RES:
+        out += tl.load(res_ptr + b * stride_rb + offs_t[:, None] * stride_rt + g * CG + offs_n[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
     if INTERP_BF16:
         out = round_bf16_rtne(out)
     tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -198,7 +203,7 @@ def _channels_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre):
+def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre, add_res):
     bsz, t, c = a.shape
     groups, cg = w_r.shape[0], w_r.shape[-1]
     out = torch.empty((bsz, t, c), device=a.device, dtype=a.dtype)
@@ -208,36 +213,36 @@ def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre):
     _pos_conv_conv[grid](
         a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size, kernel_size // 2,
         a.stride(0), a.stride(1), res.stride(0), res.stride(1), _t_bucket(t), CG=cg, FLIP=flip,
-        HAS_BIAS=bias is not None, APPLY_GELU=not flip, STORE_PRE=store_pre,
+        HAS_BIAS=bias is not None, APPLY_GELU=not flip, STORE_PRE=store_pre, ADD_RES=add_res,
         INTERP_BF16=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn)
     return out, (pre if store_pre else None)
 
 
-def pos_conv_fwd(hidden, weight, bias, groups: int, save_pre: bool):
-    """(out, pre) with out = hidden + gelu(conv(hidden) + bias); pre [B, T, C] when save_pre, else
-    an empty tensor. Inputs already checked by check_pos_conv_inputs."""
+def pos_conv_fwd(hidden, weight, bias, groups: int, save_pre: bool, residual: bool = True):
+    """(out, pre) with out = hidden + gelu(conv(hidden) + bias) (without ``hidden +`` when not
+    residual); pre [B, T, C] when save_pre, else an empty tensor. Inputs already checked."""
     x = _channels_last(hidden)
     if x.numel() == 0:
         return x.clone(), (x.clone() if save_pre else x.new_empty(0))
     out, pre = _launch_conv(x, _forward_weight(weight, groups), bias, x, weight.shape[-1],
-                            flip=False, store_pre=save_pre)
+                            flip=False, store_pre=save_pre, add_res=residual)
     return out, (pre if save_pre else x.new_empty(0))
 
 
 def pos_conv_bwd(grad, hidden, weight, pre, groups: int, need_dx: bool, need_dw: bool,
-                 need_db: bool, dw_split=None):
+                 need_db: bool, residual: bool = True, dw_split=None):
     """(dx, dW, db); a gradient that is not needed comes back as an empty tensor."""
     x = _channels_last(hidden)
     dy = grad.contiguous()
     none = lambda: x.new_empty(0)  # noqa: E731  (a fresh one per slot: custom-op outputs may not alias)
     if x.numel() == 0:
-        return (dy.clone() if need_dx else none(), torch.zeros_like(weight) if need_dw else none(),
+        return ((dy.clone() if residual else torch.zeros_like(dy)) if need_dx else none(), torch.zeros_like(weight) if need_dw else none(),
                 x.new_zeros(x.shape[-1]) if need_db else none())
     dpre = gelu_bwd(dy, pre)
     dx = none()
     if need_dx:
         dx, _ = _launch_conv(dpre, _flipped_weight(weight, groups), None, dy, weight.shape[-1],
-                             flip=True, store_pre=False)
+                             flip=True, store_pre=False, add_res=residual)
     dw, db = none(), none()
     if need_dw:
         dw, db = pos_conv_dw(x, dpre, weight.shape[-1], groups, need_db, split=dw_split)
@@ -250,26 +255,27 @@ def pos_conv_bwd(grad, hidden, weight, pre, groups: int, need_dx: bool, need_dw:
 
 @torch.library.custom_op("unispeech_kernels::pos_conv_fwd", mutates_args=(),
                          schema="(Tensor hidden, Tensor weight, Tensor? bias, int groups, "
-                                "bool save_pre) -> (Tensor, Tensor)")
-def _pos_conv_fwd_op(hidden, weight, bias, groups, save_pre):
-    return pos_conv_fwd(hidden, weight, bias, groups, save_pre)
+                                "bool save_pre, bool residual) -> (Tensor, Tensor)")
+def _pos_conv_fwd_op(hidden, weight, bias, groups, save_pre, residual):
+    return pos_conv_fwd(hidden, weight, bias, groups, save_pre, residual)
 
 
 @_pos_conv_fwd_op.register_fake
-def _pos_conv_fwd_fake(hidden, weight, bias, groups, save_pre):
+def _pos_conv_fwd_fake(hidden, weight, bias, groups, save_pre, residual):
     out = hidden.new_empty(hidden.shape)
     return out, (hidden.new_empty(hidden.shape) if save_pre else hidden.new_empty(0))
 
 
 @torch.library.custom_op("unispeech_kernels::pos_conv_bwd", mutates_args=(),
                          schema="(Tensor grad, Tensor hidden, Tensor weight, Tensor pre, int groups, "
-                                "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)")
-def _pos_conv_bwd_op(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db):
-    return pos_conv_bwd(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db)
+                                "bool need_dx, bool need_dw, bool need_db, bool residual) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _pos_conv_bwd_op(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db, residual):
+    return pos_conv_bwd(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db, residual)
 
 
 @_pos_conv_bwd_op.register_fake
-def _pos_conv_bwd_fake(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db):
+def _pos_conv_bwd_fake(grad, hidden, weight, pre, groups, need_dx, need_dw, need_db, residual):
     return (hidden.new_empty(hidden.shape) if need_dx else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
             hidden.new_empty(hidden.shape[-1]) if need_db else hidden.new_empty(0))
@@ -278,8 +284,9 @@ def _pos_conv_bwd_fake(grad, hidden, weight, pre, groups, need_dx, need_dw, need
 def _fwd_setup_context(ctx, inputs, output):
     # GELU's backward needs the pre-activation: the forward writes it (one extra [B, T, C] store,
     # ~6 MB at base B 8 T 500) rather than the backward recomputing the whole conv GEMM.
-    hidden, weight, bias, groups, save_pre = inputs
+    hidden, weight, bias, groups, save_pre, residual = inputs
     ctx.groups = groups
+    ctx.residual = residual
     ctx.has_bias = bias is not None
     ctx.saved_pre = save_pre
     if save_pre:
@@ -293,8 +300,9 @@ def _fwd_backward(ctx, grad_out, grad_pre):
     hidden, weight, pre = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
-    dx, dw, db = _pos_conv_bwd_op(grad_out, hidden, weight, pre, ctx.groups, need_dx, need_dw, need_db)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None)
+    dx, dw, db = _pos_conv_bwd_op(grad_out, hidden, weight, pre, ctx.groups, need_dx, need_dw, need_db,
+                                  ctx.residual)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None, None)
 
 
 _pos_conv_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -306,14 +314,14 @@ pos_conv_op = Op("pos_conv")
 
 
 @pos_conv_op.register("torch", check=lambda *a, **k: None)
-def pos_conv_torch(hidden, weight, bias, *, groups, activation="gelu"):
-    return pos_conv_reference(hidden, weight, bias, groups=groups, activation=activation)
+def pos_conv_torch(hidden, weight, bias, *, groups, activation="gelu", residual=True):
+    return pos_conv_reference(hidden, weight, bias, groups=groups, activation=activation, residual=residual)
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_check(hidden, weight, bias, *, groups, activation="gelu"):
+def _triton_check(hidden, weight, bias, *, groups, activation="gelu", residual=True):
     if activation != "gelu":
         return f"activation {activation!r}: the kernel fuses only exact-erf 'gelu'"
     reason = triton_device_reason(hidden, weight, bias)
@@ -330,18 +338,20 @@ def _triton_check(hidden, weight, bias, *, groups, activation="gelu"):
 
 
 @pos_conv_op.register("triton", check=_triton_check, auto=False)
-def pos_conv_triton(hidden, weight, bias, *, groups, activation="gelu"):
+def pos_conv_triton(hidden, weight, bias, *, groups, activation="gelu", residual=True):
     save_pre = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    out, _ = _pos_conv_fwd_op(hidden, weight, bias, groups, save_pre)
+    out, _ = _pos_conv_fwd_op(hidden, weight, bias, groups, save_pre, residual)
     return out
 
 
 def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = "gelu",
-                   backend: Optional[str] = None):
-    """hidden + act(conv(hidden)) with same padding; see the module docstring."""
+                   residual: bool = True, backend: Optional[str] = None):
+    """hidden + act(conv(hidden)) with same padding (act(conv(hidden)) when not ``residual``);
+    see the module docstring."""
     check_pos_conv_inputs(hidden, weight, bias, groups)
-    return pos_conv_op(hidden, weight, bias, groups=groups, activation=activation, backend=backend)
+    return pos_conv_op(hidden, weight, bias, groups=groups, activation=activation, residual=residual,
+                       backend=backend)
 
 
 # ------------------------------------------------------------------- ahead-of-time compile specs
@@ -367,9 +377,9 @@ def aot_specs():
     from . import pos_conv_bwd as bwd
 
     specs = []
-    variants = {"fwd": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=False),
-                "fwd_train": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=True),
-                "dx": dict(FLIP=True, HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False)}
+    variants = {"fwd": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=False, ADD_RES=True),
+                "fwd_train": dict(FLIP=False, HAS_BIAS=True, APPLY_GELU=True, STORE_PRE=True, ADD_RES=True),
+                "dx": dict(FLIP=True, HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False, ADD_RES=True)}
     for dt in ("bf16", "fp16"):
         for size, (c, groups, ks) in _AOT_SHAPES.items():
             cg = c // groups
