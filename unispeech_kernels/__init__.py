@@ -2,8 +2,10 @@
 from .dispatch import BackendUnavailableError
 from .ops.attention import attention
 from .ops.feature_encoder import feature_encoder
+from .integrations.patching import patch_model, unpatch_model
+from .integrations.transformers import register_transformers_attention
 from .ops.pos_conv import fold_weight_norm, pos_conv_embed
 
 __version__ = "0.1.0"
 __all__ = ["attention", "feature_encoder", "pos_conv_embed", "fold_weight_norm",
-           "BackendUnavailableError", "__version__"]
+           "patch_model", "unpatch_model", "register_transformers_attention", "BackendUnavailableError", "__version__"]
