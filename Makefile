@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test bench bench-cpu gpu-check report wheels clean
+.PHONY: install run test check-kernels bench bench-cpu gpu-check report wheels clean
 
 install: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): setup.py
 run: $(STAMP)
 	$(PY) -m unispeech.run $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-test: $(STAMP)
+test: $(STAMP) check-kernels
 	$(PY) -m pytest -q tests
+
+# no GPU needed: csrc/*.cu with nvcc and every Triton aot_specs() kernel for sm_80/sm_90; registers, spills, mma
+check-kernels: $(STAMP)
+	$(PY) -m unispeech_kernels.check_kernels
 
 # benchmarks (bench/results/README.md). GPU targets use the system python3 (BENCH_PY), never a venv.
 BENCH_PY    ?= python3

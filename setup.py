@@ -60,7 +60,7 @@ def cuda_extension():
 
     ext = CUDAExtension(
         "unispeech_kernels._C", CUDA_SOURCES,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]})
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})  # torch picks the C++ standard
     return [ext], {"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)}
 
 

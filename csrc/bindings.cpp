@@ -14,8 +14,9 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include "first_conv_layer.cuh"
@@ -100,7 +101,9 @@ at::Tensor first_conv_layer_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({s.B, s.T, s.C}, x.options());
   if (s.B == 0) return out;
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sm_count = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess, kOp,
+              "cannot query the multiprocessor count of ", x.device());
   const int frames_per_block = unispeech::fcl_frames_per_block(static_cast<int>(s.B), static_cast<int>(s.T), sm_count);
   at::Tensor workspace, lengths;
   if (norm_mode == unispeech::FCL_NORM_GROUP) {
@@ -132,7 +135,7 @@ at::Tensor first_conv_layer_cuda(const at::Tensor& x, const at::Tensor& weight, 
             : x.scalar_type() == at::kHalf ? unispeech::FCL_FLOAT16
                                            : unispeech::FCL_BFLOAT16;
   p.frames_per_block = frames_per_block;
-  const cudaError_t err = unispeech::fcl_launch(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = unispeech::fcl_launch(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }

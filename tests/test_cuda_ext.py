@@ -139,9 +139,8 @@ def test_first_conv_layer_views_and_missing_parameters():
     run_and_compare(base.t().contiguous().t(), w, None, 5, "group", None, None)  # column-major, no bias/affine
 
 
-@pytest.mark.gpu
-@needs_ext
-def test_first_conv_layer_meta_shapes():
+@pytest.mark.skipif(NOT_BUILT, reason="CUDA extension not built")
+def test_first_conv_layer_meta_shapes():  # Meta implementation: no GPU needed
     x = torch.empty(3, 1603, device="meta", dtype=torch.bfloat16)
     w = torch.empty(512, 1, 10, device="meta", dtype=torch.bfloat16)
     out = torch.ops.unispeech_cuda.first_conv_layer(x, w, None, 5, 2, None, None, 1e-5, None)
