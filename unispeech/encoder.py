@@ -19,6 +19,7 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
+from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 from .feature_encoder import kernel_backend
 
@@ -49,20 +50,11 @@ class UniSpeechPositionalConvEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.conv = _PosConv(config)
-        self._folded = None  # (key of g and v, folded weight), used without grad
-        self._folded_key = None
+        self._fold = FoldedWeightNorm()  # cached without grad, recomputed with autograd in training
 
     def weight(self) -> torch.Tensor:
-        g = self.conv.parametrizations.weight.original0
-        v = self.conv.parametrizations.weight.original1
-        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
-            self._folded = self._folded_key = None
-            return unispeech_kernels.fold_weight_norm(g, v)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (g, v))
-        if key != self._folded_key:
-            self._folded = unispeech_kernels.fold_weight_norm(g, v)
-            self._folded_key = key
-        return self._folded
+        w = self.conv.parametrizations.weight
+        return self._fold(w.original0, w.original1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         cfg = self.config
