@@ -76,12 +76,3 @@ class SequenceClassifierOutput(ModelOutput):
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
 
-
-@dataclass
-class UniSpeechForPreTrainingOutput(ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    projected_states: Optional[torch.Tensor] = None
-    projected_quantized_states: Optional[torch.Tensor] = None
-    codevector_perplexity: Optional[torch.Tensor] = None
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    attentions: Optional[Tuple[torch.Tensor, ...]] = None
