@@ -19,7 +19,8 @@ import triton
 
 from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
 from ._triton_helpers import TORCH_TO_TRITON, aot_spec, bucket, target_programs
-from .conv_layer_kernels import _conv_bwd_dw_kernel, _conv_bwd_dx_kernel, _conv_fwd_kernel, _norm_act_bwd_kernel
+from .conv_layer_kernels import (_conv_bwd_dw_kernel, _conv_bwd_dx_kernel, _conv_fwd_kernel,
+                                 _norm_act_bwd_kernel)
 
 NORMS = {"none": 0, "layer": 1}
 MAX_CHANNELS = 8192  # the LayerNorm backward holds a whole row per program
@@ -34,8 +35,9 @@ def _cfg(bm, bn, bk, warps, stages):
 
 FWD_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
                _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3)]
-# LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows
-FWD_NORM_CONFIGS = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3),
+# LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows (128 x 256 needs
+# 16 warps: at 8 warps its fp32 accumulator spills on sm_90)
+FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 256, 64, 16, 3),
                     _cfg(64, 128, 64, 4, 4)]
 DX_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 DW_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
@@ -240,34 +242,37 @@ def conv_layer(x, weight, bias, stride: int, norm_mode: str, norm_weight: Option
 
 def aot_specs():
     """Ahead-of-time compile specs at UniSpeech-base shapes (512 channels, k 3, stride 2), bf16 and
-    fp16, with the first (default) GPU config of each kernel."""
+    fp16, with the first (default) GPU config of each kernel. Unit channel strides are constexpr 1,
+    as the JIT specialises them at run time."""
     specs = []
     for dt in ("bf16", "fp16"):
         dot = dict(IEEE=False, UPCAST=False)
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": f"*{dt}",
                "beta_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
                "rstd_ptr": "*fp32", "M": "i32", "T_out": "i32", "C_in": "i32", "C_out": "i32",
-               "stride": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xc": "i32", "eps": "fp32",
-               "M_BUCKET": "i32"}
+               "stride": "i32", "stride_xb": "i32", "stride_xt": "i32", "eps": "fp32", "M_BUCKET": "i32"}
         for norm, cfg in ((False, FWD_CONFIGS[0]), (True, FWD_NORM_CONFIGS[0])):
-            consts = dict(KSIZE=3, HAS_BIAS=True, NORM=norm, SAVE=True, **dot, **cfg.kwargs)
-            specs.append(aot_spec(f"conv_fwd_{'layer' if norm else 'gelu'}_{dt}", _conv_fwd_kernel, sig, consts,
-                                  cfg.num_warps, cfg.num_stages, mma=True))
+            consts = dict(stride_xc=1, KSIZE=3, HAS_BIAS=True, NORM=norm, SAVE=True, **dot, **cfg.kwargs)
+            name = f"conv_fwd_{'layer' if norm else 'gelu'}_{dt}"
+            specs.append(aot_spec(name, _conv_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                                  mma=True))
         sig = {"dout_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dvec_ptr": "*fp32", "M": "i32",
-               "C": "i32", "stride_om": "i32", "stride_oc": "i32", "rows_per_prog": "i32"}
+               "C": "i32", "stride_om": "i32", "rows_per_prog": "i32"}
         for norm in (False, True):
-            specs.append(aot_spec(f"norm_act_bwd_{'layer' if norm else 'gelu'}_{dt}", _norm_act_bwd_kernel, sig,
-                                  dict(NORM=norm, BLOCK_M=16, BLOCK_C=512), 8))
+            name = f"norm_act_bwd_{'layer' if norm else 'gelu'}_{dt}"
+            consts = dict(stride_oc=1, NORM=norm, BLOCK_M=16, BLOCK_C=512)
+            specs.append(aot_spec(name, _norm_act_bwd_kernel, sig, consts, 8))
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "B": "i32", "T_in": "i32",
                "T_out": "i32", "C_in": "i32", "C_out": "i32", "J": "i32", "stride": "i32", "M_BUCKET": "i32"}
         cfg = DX_CONFIGS[0]
-        specs.append(aot_spec(f"conv_bwd_dx_{dt}", _conv_bwd_dx_kernel, sig, dict(KSIZE=3, **dot, **cfg.kwargs),
-                              cfg.num_warps, cfg.num_stages, mma=True))
+        specs.append(aot_spec(f"conv_bwd_dx_{dt}", _conv_bwd_dx_kernel, sig,
+                              dict(KSIZE=3, **dot, **cfg.kwargs), cfg.num_warps, cfg.num_stages, mma=True))
         sig = {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dw_ptr": "*fp32", "M": "i32", "T_out": "i32",
                "C_in": "i32", "C_out": "i32", "stride": "i32", "stride_xb": "i32", "stride_xt": "i32",
-               "stride_xc": "i32", "m_per_split": "i32", "M_BUCKET": "i32"}
+               "m_per_split": "i32", "M_BUCKET": "i32"}
         cfg = DW_CONFIGS[0]
-        specs.append(aot_spec(f"conv_bwd_dw_{dt}", _conv_bwd_dw_kernel, sig, dict(KSIZE=3, **dot, **cfg.kwargs),
-                              cfg.num_warps, cfg.num_stages, mma=True))
+        specs.append(aot_spec(f"conv_bwd_dw_{dt}", _conv_bwd_dw_kernel, sig,
+                              dict(stride_xc=1, KSIZE=3, **dot, **cfg.kwargs), cfg.num_warps, cfg.num_stages,
+                              mma=True))
     return specs

@@ -139,7 +139,8 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
         return f"layer 0: {reason}"
     for i, w in enumerate(conv_weights[1:], 1):
         if w.dim() != 3 or w.shape[1] != conv_weights[i - 1].shape[0]:
-            return f"layer {i}: weight {tuple(w.shape)} does not follow {conv_weights[i - 1].shape[0]} channels"
+            return (f"layer {i}: weight {tuple(w.shape)} does not take the "
+                    f"{conv_weights[i - 1].shape[0]} channels of layer {i - 1}")
         norm = (norm_weights[i], norm_biases[i]) if norm_mode == "layer" else (None, None)
         reason = conv_layer_check(input_values, w, conv_biases[i], *norm)
         if reason:

@@ -272,34 +272,40 @@ def first_conv_layer_triton(input_values, weight, bias, stride, norm_mode, norm_
 
 
 def aot_specs():
-    """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16 and fp16."""
+    """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16 and fp16.
+    Unit strides are constexpr 1, as the JIT specialises them at run time."""
     specs = []
+    unit = {"stride_xl": 1}
     for dt in ("bf16", "fp16"):
         common = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "T": "i32", "C": "i32",
-                  "stride": "i32", "stride_xb": "i32", "stride_xl": "i32"}
+                  "stride": "i32", "stride_xb": "i32"}
         for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
             block_t, block_c = _tiles(512, norm)
             sig = dict(common, g_ptr=f"*{dt}", beta_ptr=f"*{dt}", mean_ptr="*fp32", rstd_ptr="*fp32",
                        out_ptr=f"*{dt}", eps="fp32")
-            consts = dict(KSIZE=10, HAS_BIAS=name == "layer", NORM=norm, BLOCK_T=block_t, BLOCK_C=block_c)
-            specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", _first_conv_fwd_kernel, sig, consts, _FWD_WARPS))
+            consts = dict(unit, KSIZE=10, HAS_BIAS=name == "layer", NORM=norm, BLOCK_T=block_t,
+                          BLOCK_C=block_c)
+            specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", _first_conv_fwd_kernel, sig, consts,
+                                  _FWD_WARPS))
         sig = dict(common, len_ptr="*i32", stats_ptr="*fp32", tiles_per_prog="i32")
         specs.append(aot_spec(f"first_conv_group_stats_{dt}", _first_conv_group_stats_kernel, sig,
-                           dict(KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=64, BLOCK_C=128),
+                           dict(unit, KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=64, BLOCK_C=128),
                            _FWD_WARPS))
-        grad = {"dout_ptr": f"*{dt}", "stride_ob": "i32", "stride_ot": "i32", "stride_oc": "i32",
+        grad = {"dout_ptr": f"*{dt}", "stride_ob": "i32", "stride_ot": "i32",
                 "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                 "tiles_per_prog": "i32"}
         sig = dict(common, **grad, part_ptr="*fp32")
         specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", _first_conv_group_bwd_reduce_kernel, sig,
-                           dict(KSIZE=10, HAS_BIAS=False, BLOCK_T=64, BLOCK_C=128), _FWD_WARPS))
+                           dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=64, BLOCK_C=128),
+                           _FWD_WARPS))
         for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
             block_t, block_c = _tiles(512, NORM_LAYER)
             sig = dict(common, **grad, sdz_ptr="*fp32", sdzx_ptr="*fp32", len_ptr="*i32", dw_ptr="*fp32",
                        dvec_ptr="*fp32", gx_ptr="*fp32", eps="fp32")
-            consts = dict(KSIZE=10, KPAD=16, HAS_BIAS=name == "layer", NORM=norm, HAS_LENGTHS=False,
-                          NEED_DX=False, BLOCK_T=block_t, BLOCK_C=block_c)
-            specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", _first_conv_bwd_kernel, sig, consts, _BWD_WARPS))
+            consts = dict(unit, stride_oc=1, KSIZE=10, KPAD=16, HAS_BIAS=name == "layer", NORM=norm,
+                          HAS_LENGTHS=False, NEED_DX=False, BLOCK_T=block_t, BLOCK_C=block_c)
+            specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", _first_conv_bwd_kernel, sig, consts,
+                                  _BWD_WARPS))
     return specs
 
 
