@@ -5,7 +5,7 @@ Shapes: audio [B, L] -> features [B, T, C]. Under TRITON_INTERPRET=1 on CPU: sma
 import pytest
 import torch
 
-from tests.tolerances import assert_error_within
+from tests.tolerances import ALLCLOSE, assert_error_within
 from unispeech_kernels.dispatch import BackendUnavailableError
 from unispeech_kernels.ops import conv_layer as conv_layer_module
 from unispeech_kernels.ops.conv_layer import aot_specs
@@ -81,6 +81,30 @@ def test_low_precision_forward_backward(dtype, norm_mode, conv_bias):
 def test_receptive_field_gives_one_frame():
     _check("group", False, torch.float32, L=FIELD)
     _check("layer", True, torch.float32, B=1, L=FIELD + 1)
+
+
+@pytest.mark.parametrize("norm_mode", ["group", "layer"])
+def test_matches_transformers_feature_encoder(norm_mode):
+    """Model-level parity: transformers' UniSpeechFeatureEncoder weights through the Triton backend."""
+    from transformers import UniSpeechConfig
+    from transformers.models.unispeech.modeling_unispeech import UniSpeechFeatureEncoder
+    cfg = UniSpeechConfig(conv_dim=DIMS, conv_kernel=KERNELS, conv_stride=STRIDES,
+                          feat_extract_norm=norm_mode, conv_bias=norm_mode == "layer")
+    hf = UniSpeechFeatureEncoder(cfg).to(DEVICE)
+    x = torch.randn(2, 700, device=DEVICE)
+    layers = hf.conv_layers
+    normed = layers if norm_mode == "layer" else layers[:1]
+    out = feature_encoder(x, [l.conv.weight for l in layers], [l.conv.bias for l in layers], STRIDES,
+                          norm_mode, [l.layer_norm.weight for l in normed],
+                          [l.layer_norm.bias for l in normed],
+                          backend="triton")
+    ref = hf(x).transpose(1, 2)
+    torch.testing.assert_close(out, ref, **ALLCLOSE[torch.float32])
+    cotangent, weights = torch.randn_like(ref), [layers[0].conv.weight, layers[-1].conv.weight]
+    grads = torch.autograd.grad(out, weights, cotangent)
+    ref_grads = torch.autograd.grad(ref, weights, cotangent)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **ALLCLOSE[torch.float32])
 
 
 def test_stride_larger_than_kernel():

@@ -75,13 +75,14 @@ def first_conv_layer_torch(input_values, weight, bias, stride, norm_mode, norm_w
 # ----------------------------------------------------------------------------- launchers
 
 _NORM_CODE = {"none": NORM_NONE, "layer": NORM_LAYER, "group": NORM_GROUP}
-_FWD_WARPS = 4
-_BWD_WARPS = 8
-_MAX_TILE = 8192  # fp32 elements of a [BLOCK_T, BLOCK_C] tile
+_FWD_WARPS = 8
+_BWD_WARPS = 16
+_MAX_TILE = 4096  # fp32 elements of a [BLOCK_T, BLOCK_C] tile (larger ones spill on sm_90)
+_STATS_BLOCK_T = 32  # frames per tile of the group-statistics passes (with <= 128 channels)
 
 
 def _tiles(C: int, norm: int):
-    """(BLOCK_T, BLOCK_C): LayerNorm and the backward need every channel in one program."""
+    """(BLOCK_T, BLOCK_C): LayerNorm and the backward need every channel in one program (C <= 4096)."""
     block_c = triton.next_power_of_2(C) if norm == NORM_LAYER else min(128, triton.next_power_of_2(C))
     return max(1, min(64, _MAX_TILE // block_c)), block_c
 
@@ -93,7 +94,7 @@ def _out_frames(L: int, K: int, stride: int) -> int:
 def _group_stats(x, w, bias, frame_lengths, T, stride, eps):
     """Per-(b, c) mean and 1/std over time of conv(x) (+ bias): [B, C] fp32 each."""
     B, C, K = x.shape[0], w.shape[0], w.shape[1]
-    block_t, block_c = 64, min(128, triton.next_power_of_2(C))
+    block_t, block_c = _STATS_BLOCK_T, min(128, triton.next_power_of_2(C))
     splits, per = split_work(triton.cdiv(T, block_t), B * triton.cdiv(C, block_c), x.device)
     stats = torch.empty(splits, B, C, 3, dtype=torch.float32, device=x.device)
     _first_conv_group_stats_kernel[(splits, B, triton.cdiv(C, block_c))](
@@ -140,12 +141,12 @@ def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths,
     dg = dbeta = None
     if norm == NORM_GROUP:
         block_c = min(128, triton.next_power_of_2(C))
-        splits, per = split_work(triton.cdiv(T, 64), B * triton.cdiv(C, block_c), x.device)
+        splits, per = split_work(triton.cdiv(T, _STATS_BLOCK_T), B * triton.cdiv(C, block_c), x.device)
         part = torch.empty(splits, B, C, 2, dtype=torch.float32, device=x.device)
         _first_conv_group_bwd_reduce_kernel[(splits, B, triton.cdiv(C, block_c))](
             dout, x, w, bias if bias is not None else dummy, norm_weight, norm_bias, mean, rstd, part,
             T, C, stride, x.stride(0), x.stride(1), *dout.stride(), per, KSIZE=K,
-            HAS_BIAS=bias is not None, BLOCK_T=64, BLOCK_C=block_c, num_warps=_FWD_WARPS)
+            HAS_BIAS=bias is not None, BLOCK_T=_STATS_BLOCK_T, BLOCK_C=block_c, num_warps=_FWD_WARPS)
         sums = part.sum(0)  # [B, C, 2]
         sdz, sdzx = sums[..., 0].contiguous(), sums[..., 1].contiguous()
         dbeta, dg = sdz.sum(0), sdzx.sum(0)
@@ -289,14 +290,16 @@ def aot_specs():
                                   _FWD_WARPS))
         sig = dict(common, len_ptr="*i32", stats_ptr="*fp32", tiles_per_prog="i32")
         specs.append(aot_spec(f"first_conv_group_stats_{dt}", _first_conv_group_stats_kernel, sig,
-                           dict(unit, KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=64, BLOCK_C=128),
+                           dict(unit, KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=_STATS_BLOCK_T,
+                                BLOCK_C=128),
                            _FWD_WARPS))
         grad = {"dout_ptr": f"*{dt}", "stride_ob": "i32", "stride_ot": "i32",
                 "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                 "tiles_per_prog": "i32"}
         sig = dict(common, **grad, part_ptr="*fp32")
         specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", _first_conv_group_bwd_reduce_kernel, sig,
-                           dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=64, BLOCK_C=128),
+                           dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=_STATS_BLOCK_T,
+                                BLOCK_C=128),
                            _FWD_WARPS))
         for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
             block_t, block_c = _tiles(512, NORM_LAYER)
