@@ -133,8 +133,13 @@ def markdown(doc) -> str:
         "### Summary", summary_table(doc), ratio_tables(doc), "### Every row", all_rows_table(doc)]) + "\n"
 
 
+IMPL_COLORS = dict(triton="tab:blue", cuda="tab:purple", ours="tab:blue", torch="tab:gray", sdpa="tab:orange",
+                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red")
+
+
 def plot(doc, path: str) -> str:
-    """One panel per op: median time per shape, a bar per impl (log scale). Returns a status line."""
+    """One panel per op; per shape a bar per impl: its time over the fastest baseline's (1 = as fast,
+    lower is better), labelled with its median ms. Returns a status line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -143,23 +148,32 @@ def plot(doc, path: str) -> str:
         return f"plot skipped: matplotlib not importable ({e})"
     by_op = OrderedDict()
     for (op, shape, dtype), impls in groups(doc["rows"]).items():
-        by_op.setdefault(op, []).append((f"{shape}\n{dtype}", impls))
-    by_op = OrderedDict((op, e) for op, e in by_op.items() if any(ok(r) for _, i in e for r in i.values()))
+        good = OrderedDict((i, r) for i, r in impls.items() if ok(r))
+        if good:
+            by_op.setdefault(op, []).append((f"{shape}\n{dtype}", good))
     if not by_op:
         return "plot skipped: no successful rows"
-    fig, axes = plt.subplots(len(by_op), 1, figsize=(12, 3.6 * len(by_op)), squeeze=False)
+    fig, axes = plt.subplots(len(by_op), 1, figsize=(12, 3.4 * len(by_op)), squeeze=False)
     for ax, (op, entries) in zip(axes[:, 0], by_op.items()):
         names = list(OrderedDict.fromkeys(i for _, impls in entries for i in impls))
         width = 0.8 / len(names)
-        for j, impl in enumerate(names):
-            xs = [k + j * width for k, (_, impls) in enumerate(entries) if ok(impls.get(impl))]
-            ys = [impls[impl]["median_ms"] for _, impls in entries if ok(impls.get(impl))]
-            ax.bar(xs, ys, width, label=impl, hatch="//" if impl in OUR_IMPLS else None)
+        for k, (_, impls) in enumerate(entries):
+            base = [r["median_ms"] for i, r in impls.items() if i not in OUR_IMPLS] or \
+                [r["median_ms"] for r in impls.values()]
+            for j, impl in enumerate(names):
+                if impl not in impls:
+                    continue
+                ms = impls[impl]["median_ms"]
+                y = ms / min(base)
+                ax.bar(k + j * width, y, width, color=IMPL_COLORS.get(impl, "tab:olive"),
+                       hatch="//" if impl in OUR_IMPLS else None, edgecolor="black", linewidth=0.3,
+                       label=impl if k == next(n for n, (_, i) in enumerate(entries) if impl in i) else None)
+                ax.text(k + j * width, y, f"{ms:.3g}", ha="center", va="bottom", fontsize=6)
+        ax.axhline(1.0, color="black", linewidth=0.6, linestyle="--")
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(entries))])
         ax.set_xticklabels([label for label, _ in entries], fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("median ms")
-        ax.set_title(op)
+        ax.set_ylabel("time / fastest baseline", fontsize=8)
+        ax.set_title(f"{op} (bar labels: median ms; lower is better)", fontsize=9)
         ax.legend(fontsize=7, ncol=len(names))
     fig.suptitle(f"{doc['device']} · {doc.get('date', '')} · {str(doc.get('commit', ''))[:12]}")
     fig.tight_layout()
