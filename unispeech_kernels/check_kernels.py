@@ -20,6 +20,7 @@ import argparse
 import glob
 import importlib
 import inspect
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -239,17 +241,26 @@ def check_triton_spec(spec: dict, cc: int) -> Row:
     return row
 
 
-def check_triton(archs=ARCHS, module_names=None) -> tuple:
-    """(rows, lines naming the modules without Triton kernels)."""
-    rows, notes = [], []
+def _check_spec_at(module_name: str, index: int, cc: int) -> Row:
+    """Worker task: spec ``index`` of ``module_name``.aot_specs() for compute capability ``cc``."""
+    return check_triton_spec(importlib.import_module(module_name).aot_specs()[index], cc)
+
+
+def check_triton(archs=ARCHS, module_names=None, jobs=1) -> tuple:
+    """(rows, lines naming the modules without Triton kernels); ``jobs`` compile in parallel."""
+    tasks, notes = [], []
     for module, specs in collect_specs(module_names):
         if specs is None:
             notes.append(f"{module}: no Triton kernels")
-            continue
-        if not specs:
+        elif not specs:
             notes.append(f"{module}: aot_specs() is empty")
-        for spec in specs:
-            rows.extend(check_triton_spec(spec, cc) for cc in archs)
+        tasks += [(module, i, cc) for i in range(len(specs or ())) for cc in archs]
+    if jobs > 1 and len(tasks) > 1:
+        # fork: the workers inherit the imported kernels; each task is a CPU-bound compile + ptxas
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            rows = list(pool.map(_check_spec_at, *zip(*tasks)))
+    else:
+        rows = [_check_spec_at(*task) for task in tasks]
     return rows, notes
 
 
@@ -273,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the csrc/*.cu checks")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton checks")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
     parser.add_argument("--specs-from", nargs="+", metavar="MODULE",
                         help="take aot_specs() from these modules instead of unispeech_kernels.ops.*")
     args = parser.parse_args(argv)
@@ -294,7 +306,7 @@ def main(argv=None) -> int:
         if args.no_triton:
             print("SKIPPED Triton kernels: --no-triton")
         else:
-            triton_rows, notes = check_triton(args.arch, args.specs_from)
+            triton_rows, notes = check_triton(args.arch, args.specs_from, args.jobs)
             for note in notes:
                 print(note)
             rows += triton_rows
