@@ -35,9 +35,24 @@ def pytest_configure(config):
         pass
 
 
+def _emitter(config):
+    """Print one progress line per case while pytest captures the tests' output."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+
+    def emit(line):
+        if capman is None:
+            print(line, flush=True)
+            return
+        with capman.global_and_fixture_disabled():
+            print(line, flush=True)
+
+    return emit
+
+
 def pytest_collection_finish(session):
     budget = os.environ.get("BENCH_BUDGET_S")
-    _STATE["recorder"] = Recorder(ROOT, float(budget) if budget else None, len(session.items))
+    _STATE["recorder"] = Recorder(ROOT, float(budget) if budget else None, len(session.items),
+                                  emit=_emitter(session.config))
     rec = _STATE["recorder"]
     print(f"\nbench: profile {cases.profile()}, {len(session.items)} cases on {rec.info['device']} "
           f"(torch {rec.info['torch']}, triton {rec.info['triton']}, commit {rec.info['commit']})"

@@ -190,8 +190,10 @@ class Case:
 class Recorder:
     """Session state: collected rows, device facts, the time budget and progress lines."""
 
-    def __init__(self, root: str, budget_s: Optional[float], total_cases: int):
+    def __init__(self, root: str, budget_s: Optional[float], total_cases: int,
+                 emit: Callable[[str], None] = lambda line: print(line, file=sys.__stderr__, flush=True)):
         self.root = root
+        self.emit = emit  # writes one progress line past pytest's output capture
         self.info = device_info(root)
         self.peak = physics.peak_for(self.info["device"]) if self.info["device_type"] == "cuda" else None
         self.rows: list[dict] = []
@@ -211,13 +213,13 @@ class Recorder:
         else:
             what = f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})"
             if row["tflops"] is not None:
-                what += f", {row['tflops']:.1f} TFLOP/s"
+                what += f", {row['tflops']:.3g} TFLOP/s"
             if row["pct_of_peak"] is not None:
                 what += f", {row['pct_of_peak']:.0f}% of floor"
             if row["peak_mem_mb"] is not None:
                 what += f", {row['peak_mem_mb']:.0f} MB"
         line = f"[{self.done:>3}/{self.total} {self.elapsed():6.0f}s] {case.op} {case.shape} {case.dtype_name} {case.impl}: {what}"
-        print(line[:300], file=sys.__stderr__, flush=True)
+        self.emit(line[:300])
 
     def over_budget(self) -> bool:
         return self.budget_s is not None and self.elapsed() > self.budget_s
