@@ -168,7 +168,11 @@ def make_ast_source(spec: dict):
         signature = dict(spec["signature"])
         for name in constexprs:
             signature[name] = "constexpr"
-        return ASTSource(fn=spec["fn"], signature=signature, constexprs=constexprs)
+        # the JIT's specialisation at model shapes: 16-aligned pointers / 16-divisible sizes
+        # (vectorised loads, cp.async pipelining); without it register counts are not what runs
+        names = spec["fn"].arg_names
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.get("divisible_by_16", ())}
+        return ASTSource(fn=spec["fn"], signature=signature, constexprs=constexprs, attrs=attrs)
     signature = {k: v for k, v in spec["signature"].items() if v != "constexpr" and k not in constexprs}
     return ASTSource(fn=spec["fn"], signature=signature, constants=constexprs)
 

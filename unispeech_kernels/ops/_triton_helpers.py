@@ -65,11 +65,13 @@ def bucket(n: int) -> int:
 
 
 def aot_spec(name, fn, sig, constexprs, num_warps, num_stages=1, mma=False):
-    """One aot_specs() entry; the signature lists every kernel argument in order."""
+    """One aot_specs() entry; the signature lists every kernel argument in order. Pointers are
+    16-byte aligned at model shapes (torch's allocator), which the JIT specialises on."""
     names = fn.arg_names
     missing = [a for a in names if a not in sig and a not in constexprs]
     if missing:
         raise RuntimeError(f"aot spec {name}: no type for {missing}")
     signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in names}
     return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
-            "num_warps": num_warps, "num_stages": num_stages, "mma": mma}
+            "num_warps": num_warps, "num_stages": num_stages, "mma": mma,
+            "divisible_by_16": [a for a in names if signature[a].startswith("*")]}

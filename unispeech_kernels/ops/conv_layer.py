@@ -241,11 +241,11 @@ def conv_layer(x, weight, bias, stride: int, norm_mode: str, norm_weight: Option
 
 
 def aot_specs():
-    """Ahead-of-time compile specs at UniSpeech-base shapes (512 channels, k 3, stride 2), bf16 and
-    fp16, with the first (default) GPU config of each kernel. Unit channel strides are constexpr 1,
+    """Ahead-of-time compile specs at UniSpeech-base shapes (512 channels, k 3, stride 2), bf16,
+    with the first (default) GPU config of each kernel. Unit channel strides are constexpr 1,
     as the JIT specialises them at run time."""
     specs = []
-    for dt in ("bf16", "fp16"):
+    for dt in ("bf16",):  # fp16 compiles to the same tiles
         dot = dict(IEEE=False, UPCAST=False)
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "g_ptr": f"*{dt}",
                "beta_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",

@@ -273,11 +273,11 @@ def first_conv_layer_triton(input_values, weight, bias, stride, norm_mode, norm_
 
 
 def aot_specs():
-    """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16 and fp16.
+    """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16.
     Unit strides are constexpr 1, as the JIT specialises them at run time."""
     specs = []
     unit = {"stride_xl": 1}
-    for dt in ("bf16", "fp16"):
+    for dt in ("bf16",):  # fp16 compiles to the same tiles
         common = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "T": "i32", "C": "i32",
                   "stride": "i32", "stride_xb": "i32"}
         for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
