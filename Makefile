@@ -57,4 +57,4 @@ wheels:
 	python3 -m pip download -q --no-deps -d .wheels pytest-benchmark py-cpuinfo
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info unispeech_kernels/_C*.so unispeech_kernels/_build_info.json
