@@ -54,7 +54,8 @@ if $PY -c "import unispeech_kernels.info" 2>/dev/null; then
     step "backend info" 60 $PY -m unispeech_kernels.info
 fi
 
-step "gpu tests" 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+# pytest exits 5 when it collects no test: no GPU test yet is not a failure of the check
+step "gpu tests" 300 bash -c "$PY -m pytest -q -p no:cacheprovider -m gpu tests; rc=\$?; [ \$rc -eq 5 ] && exit 0; exit \$rc"
 
 # benchmarks: whatever time is left, minus a minute for the report; the suite skips the cases left
 # once BENCH_BUDGET_S has passed (ordered so the op kernels come first, end-to-end last)
@@ -65,7 +66,7 @@ BENCH_PROFILE=${BENCH_PROFILE:-check} BENCH_BUDGET_S=$LEFT \
         --benchmark-columns=min,median,max,rounds --benchmark-sort=name \
         bench/test_attention.py bench/test_pos_conv.py bench/test_feature_encoder.py bench/test_e2e.py
 
-RESULT=$(find bench/results -maxdepth 1 -name '*.json' -newer "$MARK" 2>/dev/null | sort | tail -1)
+RESULT=$(find "${BENCH_RESULTS_DIR:-bench/results}" -maxdepth 1 -name '*.json' -newer "$MARK" 2>/dev/null | sort | tail -1)
 rm -f "$MARK"
 if [ -z "$RESULT" ]; then
     STEPS+=("results:               FAILED (no results file written)"); FAILED=1
