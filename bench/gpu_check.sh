@@ -64,7 +64,8 @@ if [ "$LEFT" -lt 60 ]; then LEFT=60; fi
 BENCH_PROFILE=${BENCH_PROFILE:-check} BENCH_BUDGET_S=$LEFT \
     step "benchmarks" $(( LEFT + 120 )) $PY -m pytest -q -p no:cacheprovider \
         --benchmark-columns=min,median,max,rounds --benchmark-sort=name \
-        bench/test_attention.py bench/test_pos_conv.py bench/test_feature_encoder.py bench/test_e2e.py
+        bench/test_attention.py bench/test_pos_conv.py bench/test_feature_encoder.py bench/test_e2e.py \
+        bench/test_bench_pretraining.py
 
 RESULT=$(find "${BENCH_RESULTS_DIR:-bench/results}" -maxdepth 1 -name '*.json' -newer "$MARK" 2>/dev/null | sort | tail -1)
 rm -f "$MARK"
