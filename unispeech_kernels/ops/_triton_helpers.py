@@ -64,14 +64,19 @@ def bucket(n: int) -> int:
     return max(1024, triton.next_power_of_2(n))
 
 
-def aot_spec(name, fn, sig, constexprs, num_warps, num_stages=1, mma=False):
+def aot_spec(name, fn, sig, constexprs, num_warps, num_stages=1, mma=False, divisible=()):
     """One aot_specs() entry; the signature lists every kernel argument in order. Pointers are
-    16-byte aligned at model shapes (torch's allocator), which the JIT specialises on."""
+    16-byte aligned at model shapes (torch's allocator), which the JIT specialises on; ``divisible``
+    names the integer arguments that are multiples of 16 at model shapes (512 channels and the
+    strides / buckets built from them), which the JIT specialises on in the same way."""
     names = fn.arg_names
     missing = [a for a in names if a not in sig and a not in constexprs]
     if missing:
         raise RuntimeError(f"aot spec {name}: no type for {missing}")
     signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in names}
+    unknown = [a for a in divisible if a not in signature or signature[a] == "constexpr"]
+    if unknown:
+        raise RuntimeError(f"aot spec {name}: divisible names no runtime argument {unknown}")
     return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
             "num_warps": num_warps, "num_stages": num_stages, "mma": mma,
-            "divisible_by_16": [a for a in names if signature[a].startswith("*")]}
+            "divisible_by_16": [a for a in names if signature[a].startswith("*") or a in divisible]}

@@ -188,7 +188,7 @@ FWD_CONFIGS = [
 
 def _fwd_prune(configs, named_args, **kwargs):
     q = named_args["Q"]
-    return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, block_d=kwargs["BLOCK_D"],
+    return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, n_score=1, block_d=kwargs["BLOCK_D"],
                            elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
                            max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
 
@@ -382,16 +382,16 @@ def aot_specs():
     keeps after pruning (with a padding mask, with and without dropout), for ahead-of-time compile
     checks. Other head dims and fp16 are covered by the interpreter tests, not compiled here."""
     specs = []
-    tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1),
-             ("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, "BLOCK_N", 2),
-             ("bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, "BLOCK_M", 1))
+    tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1, 1),
+             ("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2),
+             ("bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, "BLOCK_M", 1, 2))
     for dtype, elem in _AOT_DTYPES.items():
         for d in _AOT_HEAD_DIMS:
             block_d = max(16, triton.next_power_of_2(d))
-            for kname, fn, configs, resident, n_acc in tuned:
+            for kname, fn, configs, resident, n_acc, n_score in tuned:
                 for dropout in ((False, True) if d == 64 and elem == "bf16" else (False,)):
-                    kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=block_d,
-                                           elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
+                    kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
+                                           block_d=block_d, elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
                                            max_smem=SM90_SMEM, dropout=dropout)
                     for c in kept:
                         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=True, HAS_DROPOUT=dropout,

@@ -277,10 +277,10 @@ PREPROCESS_BLOCK_M = 64
 
 
 SM90_SMEM = 232448  # bytes of shared memory per block on H100 (sm_90); used when no GPU is queried
-# per-thread budget of resident fp32 tile values; the Philox dropout path needs ~60 more registers.
-# Set from ptxas on sm_90 (aot_specs): above these, 255 registers and spills.
+# per-thread budget of resident fp32 tile values (see ``prune_by_budget``); set from ptxas on sm_80
+# and sm_90 (aot_specs checks both): above it, 255 registers and spills.
 MAX_FP32_PER_THREAD = 112
-MAX_FP32_PER_THREAD_DROPOUT = 72
+MMA_ROWS = 16  # rows of one tensor-core (mma.sync m16 / wgmma m64 per 4 warps) tile per warp
 
 
 @functools.lru_cache(None)
@@ -288,31 +288,41 @@ def _device_smem(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def prune_by_budget(configs, *, resident: str, n_acc: int, block_d: int, elem_size: int, s_bucket: int,
-                    max_smem: int, dropout: bool):
+def prune_by_budget(configs, *, resident: str, n_acc: int, n_score: int, block_d: int, elem_size: int,
+                    s_bucket: int, max_smem: int, dropout: bool):
     """Keep the configs whose resident fp32 tiles (``n_acc`` accumulators of [``resident`` block,
     BLOCK_D] plus the [BLOCK_M, BLOCK_N] score tile) fit the register budget and whose pipelined
-    streamed tiles fit shared memory; prefer blocks no larger than the bucketed length."""
+    streamed tiles fit shared memory; prefer blocks no larger than the bucketed length.
+
+    The score tile's rows are the resident block; it feeds the next dot as its A operand, which
+    only the warps along those rows split (``MMA_ROWS`` rows each): warps beyond resident / MMA_ROWS
+    split the columns and each holds its rows' whole score row. Without dropout the compiler streams
+    the score tile through its elementwise steps (one register per element); with dropout the keep
+    mask is drawn (Philox) before the kernel's ``n_score`` score-sized fp32 tiles (forward: P;
+    backward: P and dP) are consumed, so those tiles and the draw are all live: ``n_score + 1``
+    registers per element (ptxas, sm_80 and sm_90: a 1-register estimate keeps configs that spill
+    up to 424 B on sm_80)."""
     def regs(c):
         r, bm, bn = c.kwargs[resident], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return (n_acc * r * block_d + bm * bn) / (32 * c.num_warps)
+        row_warps = max(1, min(c.num_warps, r // MMA_ROWS))
+        score = bm * bn / (32 * row_warps) * (n_score + 1 if dropout else 1)
+        return n_acc * r * block_d / (32 * c.num_warps) + score
 
     def smem(c):
         r = c.kwargs[resident]
         other = c.kwargs["BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"]
         return (c.num_stages * 2 * other + 2 * r) * block_d * elem_size
 
-    budget = MAX_FP32_PER_THREAD_DROPOUT if dropout else MAX_FP32_PER_THREAD
-    fits = [c for c in configs if regs(c) <= budget and smem(c) <= max_smem]
+    fits = [c for c in configs if regs(c) <= MAX_FP32_PER_THREAD and smem(c) <= max_smem]
     short = [c for c in fits if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(s_bucket, 16)]
     return short or fits or [min(configs, key=regs)]
 
 
 def _bwd_prune(resident: str, n_acc: int):
-    """Autotune pruner of a backward kernel (see ``prune_by_budget``)."""
+    """Autotune pruner of a backward kernel (see ``prune_by_budget``): P and dP are live together."""
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        return prune_by_budget(configs, resident=resident, n_acc=n_acc, block_d=kwargs["BLOCK_D"],
+        return prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=2, block_d=kwargs["BLOCK_D"],
                                elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
                                max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
     return prune

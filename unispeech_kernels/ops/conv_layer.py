@@ -33,11 +33,15 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-FWD_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4),
-               _cfg(64, 128, 64, 4, 4), _cfg(64, 256, 64, 8, 3)]
-# LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows (128 x 256 needs
-# 16 warps: at 8 warps its fp32 accumulator spills on sm_90)
-FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 256, 64, 16, 3),
+# Every config below compiles without register spills for sm_80 and sm_90 at 512 channels (the JIT's
+# 16-divisible C_in / C_out / strides: vectorised, cp.async-pipelined loads). The fp32 accumulator is
+# BLOCK_M * BLOCK_N / (32 * num_warps) registers per thread: 64 leaves room for the operand pipeline
+# and the GELU / LayerNorm epilogue; 128 (128 x 256 at 8 warps, 128 x 128 at 4) spills there (the dX /
+# dW GEMMs, a plain store, fit 128 x 256 at 8 warps), and 16 warps cap a thread at 128 registers.
+FWD_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+               _cfg(64, 256, 64, 8, 3)]
+# LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows, BLOCK_N at a time
+FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
                     _cfg(64, 128, 64, 4, 4)]
 DX_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 DW_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
@@ -242,8 +246,9 @@ def conv_layer(x, weight, bias, stride: int, norm_mode: str, norm_weight: Option
 
 def aot_specs():
     """Ahead-of-time compile specs at UniSpeech-base shapes (512 channels, k 3, stride 2), bf16,
-    with the first (default) GPU config of each kernel. Unit channel strides are constexpr 1,
-    as the JIT specialises them at run time."""
+    with the first (default) GPU config of each kernel. Unit channel strides are constexpr 1, and
+    the sizes / strides that are multiples of 16 at these shapes (channels, frame and utterance strides,
+    the power-of-two buckets) carry the divisibility hint, as the JIT specialises them at run time."""
     specs = []
     for dt in ("bf16",):  # fp16 compiles to the same tiles
         dot = dict(IEEE=False, UPCAST=False)
@@ -255,24 +260,26 @@ def aot_specs():
             consts = dict(stride_xc=1, KSIZE=3, HAS_BIAS=True, NORM=norm, SAVE=True, **dot, **cfg.kwargs)
             name = f"conv_fwd_{'layer' if norm else 'gelu'}_{dt}"
             specs.append(aot_spec(name, _conv_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
-                                  mma=True))
+                                  mma=True, divisible=("C_in", "C_out", "stride_xb", "stride_xt", "M_BUCKET")))
         sig = {"dout_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dvec_ptr": "*fp32", "M": "i32",
                "C": "i32", "stride_om": "i32", "rows_per_prog": "i32"}
         for norm in (False, True):
             name = f"norm_act_bwd_{'layer' if norm else 'gelu'}_{dt}"
             consts = dict(stride_oc=1, NORM=norm, BLOCK_M=16, BLOCK_C=512)
-            specs.append(aot_spec(name, _norm_act_bwd_kernel, sig, consts, 8))
+            specs.append(aot_spec(name, _norm_act_bwd_kernel, sig, consts, 8, divisible=("C", "stride_om")))
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "B": "i32", "T_in": "i32",
                "T_out": "i32", "C_in": "i32", "C_out": "i32", "J": "i32", "stride": "i32", "M_BUCKET": "i32"}
         cfg = DX_CONFIGS[0]
         specs.append(aot_spec(f"conv_bwd_dx_{dt}", _conv_bwd_dx_kernel, sig,
-                              dict(KSIZE=3, **dot, **cfg.kwargs), cfg.num_warps, cfg.num_stages, mma=True))
+                              dict(KSIZE=3, **dot, **cfg.kwargs), cfg.num_warps, cfg.num_stages, mma=True,
+                              divisible=("C_in", "C_out", "M_BUCKET")))
         sig = {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dw_ptr": "*fp32", "M": "i32", "T_out": "i32",
                "C_in": "i32", "C_out": "i32", "stride": "i32", "stride_xb": "i32", "stride_xt": "i32",
                "m_per_split": "i32", "M_BUCKET": "i32"}
         cfg = DW_CONFIGS[0]
         specs.append(aot_spec(f"conv_bwd_dw_{dt}", _conv_bwd_dw_kernel, sig,
                               dict(stride_xc=1, KSIZE=3, **dot, **cfg.kwargs), cfg.num_warps, cfg.num_stages,
-                              mma=True))
+                              mma=True, divisible=("C_in", "C_out", "stride_xb", "stride_xt", "m_per_split",
+                                                   "M_BUCKET")))
     return specs

@@ -78,13 +78,18 @@ _NORM_CODE = {"none": NORM_NONE, "layer": NORM_LAYER, "group": NORM_GROUP}
 _FWD_WARPS = 8
 _BWD_WARPS = 16
 _MAX_TILE = 4096  # fp32 elements of a [BLOCK_T, BLOCK_C] tile (larger ones spill on sm_90)
+# The backward keeps ~10 live [BLOCK_T, BLOCK_C] fp32 tiles (conv recompute, dout, xhat, dz, dy, the
+# tap products) next to ~10 per-channel vectors and the [BLOCK_C, KPAD] dW accumulator, and 16 warps
+# cap a thread at 128 registers: 1024-element tiles (2 frames x 512 channels) fit with and without
+# NEED_DX on sm_80 and sm_90; 4096 (8 x 512) spill 150-240 B.
+_BWD_TILE = 1024
 _STATS_BLOCK_T = 32  # frames per tile of the group-statistics passes (with <= 128 channels)
 
 
-def _tiles(C: int, norm: int):
+def _tiles(C: int, norm: int, max_tile: int = _MAX_TILE):
     """(BLOCK_T, BLOCK_C): LayerNorm and the backward need every channel in one program (C <= 4096)."""
     block_c = triton.next_power_of_2(C) if norm == NORM_LAYER else min(128, triton.next_power_of_2(C))
-    return max(1, min(64, _MAX_TILE // block_c)), block_c
+    return max(1, min(64, max_tile // block_c)), block_c
 
 
 def _out_frames(L: int, K: int, stride: int) -> int:
@@ -150,7 +155,7 @@ def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths,
         sums = part.sum(0)  # [B, C, 2]
         sdz, sdzx = sums[..., 0].contiguous(), sums[..., 1].contiguous()
         dbeta, dg = sdz.sum(0), sdzx.sum(0)
-    block_t, block_c = _tiles(C, NORM_LAYER)
+    block_t, block_c = _tiles(C, NORM_LAYER, _BWD_TILE)
     splits, per = split_work(triton.cdiv(T, block_t), B, x.device)
     kpad = triton.next_power_of_2(K)
     dw = torch.empty(splits, B, C, kpad, dtype=torch.float32, device=x.device)
@@ -301,12 +306,14 @@ def aot_specs():
                            dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=_STATS_BLOCK_T,
                                 BLOCK_C=128),
                            _FWD_WARPS))
-        for norm, name in ((NORM_GROUP, "group"), (NORM_LAYER, "layer")):
-            block_t, block_c = _tiles(512, NORM_LAYER)
+        # the audio gradient (NEED_DX) is rare: checked once, with the LayerNorm (the larger body)
+        for norm, name, need_dx in ((NORM_GROUP, "group", False), (NORM_LAYER, "layer", False),
+                                    (NORM_LAYER, "layer_dx", True)):
+            block_t, block_c = _tiles(512, NORM_LAYER, _BWD_TILE)
             sig = dict(common, **grad, sdz_ptr="*fp32", sdzx_ptr="*fp32", len_ptr="*i32", dw_ptr="*fp32",
                        dvec_ptr="*fp32", gx_ptr="*fp32", eps="fp32")
-            consts = dict(unit, stride_oc=1, KSIZE=10, KPAD=16, HAS_BIAS=name == "layer", NORM=norm,
-                          HAS_LENGTHS=False, NEED_DX=False, BLOCK_T=block_t, BLOCK_C=block_c)
+            consts = dict(unit, stride_oc=1, KSIZE=10, KPAD=16, HAS_BIAS=norm == NORM_LAYER, NORM=norm,
+                          HAS_LENGTHS=False, NEED_DX=need_dx, BLOCK_T=block_t, BLOCK_C=block_c)
             specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", _first_conv_bwd_kernel, sig, consts,
                                   _BWD_WARPS))
     return specs
