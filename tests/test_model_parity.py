@@ -1,7 +1,9 @@
 """Our UniSpeech classes against transformers' (the reference), fp32: same weights, same outputs.
 
 Tiny random-weight configs; every output field, hidden_states and attentions tuples are compared
-with ALLCLOSE[float32] (relative 1e-5). Variants cover both feature-encoder norms, both encoder
+with ALLCLOSE[float32] (relative 1e-5), on the real frames of padded batches: our encoder skips
+padded frames (they are zero in our layer outputs; transformers fills them with values nothing
+real depends on), so per-frame outputs are compared where the frame mask is True. Variants cover both feature-encoder norms, both encoder
 variants, conv_bias, uneven conv lists, odd and even positional kernels and head_dim 12 / 8.
 """
 import numpy as np
@@ -55,23 +57,44 @@ def audio(batch=3, length=1203, pad=(0, 377, 905)):
     return x, mask
 
 
-def assert_same(theirs, ours, name="output"):
+def frame_mask(model, mask, x):
+    """bool [B, T] real frames of a padded batch (None: nothing padded)."""
+    if mask is None:
+        return None
+    frames = int(model._get_feat_extract_output_lengths(x.shape[1]))
+    return model._get_feature_vector_attention_mask(frames, mask)
+
+
+def real(t, frames):
+    """The real-frame part of a per-frame tensor: [B, T, ...] or attention weights [B, H, T, T]."""
+    if frames is None or t.dim() < 2:
+        return t
+    if tuple(t.shape[:2]) == tuple(frames.shape):
+        return t[frames]
+    if t.dim() == 4 and t.shape[0] == frames.shape[0] and t.shape[2] == frames.shape[1]:
+        return t.transpose(1, 2)[frames]
+    return t
+
+
+def assert_same(theirs, ours, name="output", frames=None):
     if theirs is None or ours is None:
         assert theirs is None and ours is None, f"{name}: {type(theirs)} vs {type(ours)}"
     elif isinstance(theirs, (tuple, list)):
         assert len(theirs) == len(ours), f"{name}: {len(theirs)} vs {len(ours)} entries"
         for i, (a, b) in enumerate(zip(theirs, ours)):
-            assert_same(a, b, f"{name}[{i}]")
+            assert_same(a, b, f"{name}[{i}]", frames)
     else:
-        torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{name}: {m}")
+        assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+        torch.testing.assert_close(real(ours, frames), real(theirs, frames), **TOL,
+                                   msg=lambda m: f"{name}: {m}")
 
 
-def assert_outputs_equal(theirs, ours, extra=()):
+def assert_outputs_equal(theirs, ours, extra=(), frames=None):
     """Same fields in the same order (ours may add the named extra fields), same values."""
     mine = [k for k in ours.keys() if k not in extra]
     assert list(theirs.keys()) == mine, (list(theirs.keys()), mine)
     for key in theirs.keys():
-        assert_same(theirs[key], ours[key], key)
+        assert_same(theirs[key], ours[key], key, frames)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -85,7 +108,7 @@ def test_base_model_matches(variant, attn):
             mine = ours(x, output_hidden_states=True, output_attentions=attn == "eager", **kwargs)
             if attn == "sdpa":  # transformers' sdpa returns no attentions; ours are not requested
                 theirs.attentions = None
-            assert_outputs_equal(theirs, mine)
+            assert_outputs_equal(theirs, mine, frames=frame_mask(ours, kwargs.get("attention_mask"), x))
 
 
 @pytest.mark.parametrize("head", ["ctc", "cls", "cls-weighted", "pretraining"])
@@ -104,11 +127,13 @@ def test_heads_match(head, variant):
         theirs, mine = hf(**kwargs, input_values=x), ours(**kwargs, input_values=x)
     # our pre-training head adds its loss (unispeech.pretraining) where transformers has none
     losses = ("loss", "contrastive_loss", "diversity_loss", "ctc_loss") if head == "pretraining" else ()
-    assert_outputs_equal(theirs, mine, extra=losses)
+    frames = frame_mask(ours, mask, x)
+    assert_outputs_equal(theirs, mine, extra=losses, frames=frames)
     if head != "pretraining":
         with torch.no_grad():  # tuples, and hidden states only on request (classification)
             kwargs.update(output_hidden_states=False, output_attentions=False)
-            assert_same(hf(x, return_dict=False, **kwargs), ours(x, return_dict=False, **kwargs), "tuple")
+            assert_same(hf(x, return_dict=False, **kwargs), ours(x, return_dict=False, **kwargs), "tuple",
+                        frames)
 
 
 @pytest.mark.parametrize("reduction,zero_inf", [("sum", True), ("mean", False)])
@@ -142,7 +167,7 @@ def test_training_spec_augment_and_layerdrop_match():
         torch.manual_seed(7)
         outs.append(model(x, attention_mask=mask, labels=labels, output_hidden_states=True))
         outs[-1].loss.backward()
-    assert_outputs_equal(outs[0], outs[1])
+    assert_outputs_equal(outs[0], outs[1], frames=frame_mask(ours, mask, x))
     assert len(outs[1].hidden_states) < 5, "seed 7 should drop at least one of 4 layers"
     grads_hf = dict(hf.named_parameters())
     reached = 0
@@ -179,4 +204,4 @@ def test_pretraining_quantizer_training_matches():
         torch.manual_seed(5)
         outs.append(model(x, attention_mask=mask))
     for key in ("projected_states", "projected_quantized_states", "codevector_perplexity"):
-        assert_same(outs[0][key], outs[1][key], key)
+        assert_same(outs[0][key], outs[1][key], key, frame_mask(ours, mask, x))

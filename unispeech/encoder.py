@@ -6,7 +6,13 @@ real frame, or None when no frame is padded. Parameter names equal transformers'
 ``encoder.layers.{i}.attention.{q,k,v,out}_proj``, ``.feed_forward.{intermediate,output}_dense``...).
 
 Hot spots: ``unispeech_kernels.pos_conv_embed`` (conv + activation + residual in one op) and
-``unispeech_kernels.attention`` (q/k/v passed as [B, T, H, D] views of the projections).
+``unispeech_kernels.attention`` (q/k/v passed as [B, T, H, D] views of one fused projection).
+
+Padded batches run unpadded: after the positional conv the real frames are packed into rows
+[N, E] (``FramePacking``), so projections, feed-forward and norms do only real work; attention
+scatters q/k/v back to [B, T, H, D] for the masked op. Real frames are computed exactly as in
+transformers; frames past an utterance's length are zero in the layer outputs (transformers leaves
+values there that depend on the padding and that nothing real attends to).
 """
 from __future__ import annotations
 
@@ -63,6 +69,26 @@ class UniSpeechPositionalConvEmbedding(nn.Module):
             activation=cfg.feat_extract_activation, backend=kernel_backend(cfg))
 
 
+class FramePacking:
+    """The real frames of a [B, T] batch as rows: pack [B, T, ...] -> [N, ...], unpack back with
+    zeros at padded frames. ``mask`` None (nothing padded): both are free reshapes."""
+
+    def __init__(self, batch: int, frames: int, mask: Optional[torch.Tensor]):
+        self.batch, self.frames, self.mask = batch, frames, mask
+        # packing needs the real-frame count on the host: under torch.compile keep the padded layout
+        packed = mask is not None and not torch.compiler.is_compiling()
+        self.index = mask.reshape(-1).nonzero().squeeze(1) if packed else None  # [N]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(self.batch * self.frames, *x.shape[2:])
+        return x if self.index is None else x.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:
+            x = x.new_zeros(self.batch * self.frames, *x.shape[1:]).index_copy(0, self.index, x)
+        return x.view(self.batch, self.frames, *x.shape[1:])
+
+
 class UniSpeechAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -76,12 +102,27 @@ class UniSpeechAttention(nn.Module):
         self.v_proj = nn.Linear(e, e)
         self.q_proj = nn.Linear(e, e)
         self.out_proj = nn.Linear(e, e)
+        self._qkv_key = self._qkv = None  # fused [3E, E] weight and [3E] bias, cached without grad
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions: bool = False):
-        """Returns (output [B, T, E], attention weights [B, H, T, T] when output_attentions else None)."""
-        b, t, e = hidden.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        q, k, v = (proj(hidden).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    def _qkv_params(self):
+        """q, k and v projections as one GEMM (weights kept separate, as transformers saves them)."""
+        params = [p for proj in (self.q_proj, self.k_proj, self.v_proj) for p in (proj.weight, proj.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._qkv_key = self._qkv = None
+            return torch.cat(params[0::2]), torch.cat(params[1::2])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key != self._qkv_key:
+            with torch.no_grad():
+                self._qkv = torch.cat(params[0::2]), torch.cat(params[1::2])
+            self._qkv_key = key
+        return self._qkv
+
+    def forward(self, hidden: torch.Tensor, frames: FramePacking, output_attentions: bool = False):
+        """hidden [N, E] packed real frames -> (output [N, E], weights [B, H, T, T] or None)."""
+        qkv = frames.unpack(nn.functional.linear(hidden, *self._qkv_params()))  # [B, T, 3E]
+        qkv = qkv.view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # [B, T, H, D] views
+        mask = frames.mask
         p = self.dropout if self.training else 0.0
         impl = self.config.attn_implementation
         if output_attentions and impl != "eager":
@@ -94,7 +135,7 @@ class UniSpeechAttention(nn.Module):
         else:
             out = unispeech_kernels.attention(q, k, v, mask, dropout_p=p, softmax_scale=self.scaling,
                                               backend="torch" if impl == "sdpa" else None)
-        return self.out_proj(out.reshape(b, t, e)), weights
+        return self.out_proj(frames.pack(out.reshape(frames.batch, frames.frames, -1))), weights
 
     def _eager(self, q, k, v, mask, p):
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
@@ -149,15 +190,16 @@ class UniSpeechEncoderLayer(nn.Module):
         else:
             self.adapter_layer = None
 
-    def forward(self, hidden, mask, output_attentions=False):
+    def forward(self, hidden, frames: FramePacking, output_attentions=False):
+        """hidden [N, E] packed real frames (row-wise ops only; attention unpacks)."""
         if self.stable:
-            attn, weights = self.attention(self.layer_norm(hidden), mask, output_attentions)
+            attn, weights = self.attention(self.layer_norm(hidden), frames, output_attentions)
             hidden = hidden + self.dropout(attn)
             hidden = hidden + self.feed_forward(self.final_layer_norm(hidden))
             if self.adapter_layer is not None:
                 hidden = hidden + self.adapter_layer(hidden)
             return hidden, weights
-        attn, weights = self.attention(hidden, mask, output_attentions)
+        attn, weights = self.attention(hidden, frames, output_attentions)
         hidden = self.layer_norm(hidden + self.dropout(attn))
         hidden = self.final_layer_norm(hidden + self.feed_forward(hidden))
         return hidden, weights
@@ -190,21 +232,24 @@ class UniSpeechEncoder(nn.Module):
         if not self.stable:
             hidden = self.layer_norm(hidden)
         hidden = self.dropout(hidden)
+        frames = FramePacking(hidden.shape[0], hidden.shape[1], mask)
+        first = hidden  # [B, T, E]: hidden_states[0] keeps transformers' values on padded frames
+        hidden = frames.pack(hidden)  # [N, E]
         all_hidden: List[torch.Tensor] = []
         all_attn: List[torch.Tensor] = []
         layerdrop = self.config.layerdrop if self.training else 0.0
         for layer in self.layers:
             if layerdrop > 0.0 and torch.rand([]) < layerdrop:
                 if output_hidden_states and self.record_skipped_layers:
-                    all_hidden.extend([hidden] * (2 - bool(all_hidden)))
+                    all_hidden.extend([first if not all_hidden else all_hidden[-1]] * (2 - bool(all_hidden)))
                 continue
             if output_hidden_states and not all_hidden:
-                all_hidden.append(hidden)
-            hidden, weights = layer(hidden, mask, output_attentions)
+                all_hidden.append(first)  # no layer ran yet: hidden is still the packed `first`
+            hidden, weights = layer(hidden, frames, output_attentions)
             if output_hidden_states:
-                all_hidden.append(hidden)
+                all_hidden.append(frames.unpack(hidden))
             if output_attentions:
                 all_attn.append(weights)
-        last = self.layer_norm(hidden) if self.stable else hidden
+        last = frames.unpack(self.layer_norm(hidden) if self.stable else hidden)
         return (last, tuple(all_hidden) if output_hidden_states else None,
                 tuple(all_attn) if output_attentions else None)

@@ -49,6 +49,7 @@ class UniSpeechFeatureEncoder(nn.Module):
             for i in range(config.num_feat_extract_layers))
         self.receptive_field = receptive_field(config.conv_kernel, config.conv_stride)
         self._requires_grad = True
+        self.trim_padding = True  # skip frames past each utterance's length (see forward)
 
     def _freeze_parameters(self):
         for p in self.parameters():
@@ -56,7 +57,8 @@ class UniSpeechFeatureEncoder(nn.Module):
         self._requires_grad = False
 
     def forward(self, input_values: torch.Tensor, input_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, L] audio -> [B, T, C]. input_lengths: real samples per row (batch-invariant group norm)."""
+        """[B, L] audio -> [B, T, C]. input_lengths: real samples per row (batch-invariant group norm,
+        and padded frames left uncomputed: zero or unspecified, see the op; never under torch.compile)."""
         cfg = self.config
         layers = self.conv_layers
         normed = layers if cfg.feat_extract_norm == "layer" else layers[:1]
@@ -64,8 +66,8 @@ class UniSpeechFeatureEncoder(nn.Module):
             input_values, [l.conv.weight for l in layers], [l.conv.bias for l in layers],
             list(cfg.conv_stride), cfg.feat_extract_norm, [l.layer_norm.weight for l in normed],
             [l.layer_norm.bias for l in normed], eps=NORM_EPS, activation=cfg.feat_extract_activation,
-            input_lengths=input_lengths if cfg.batch_invariant_group_norm else None,
-            batch_invariant=cfg.batch_invariant_group_norm, backend=kernel_backend(cfg))
+            input_lengths=input_lengths, batch_invariant=cfg.batch_invariant_group_norm,
+            trim_padding=self.trim_padding and not torch.compiler.is_compiling(), backend=kernel_backend(cfg))
 
 
 class UniSpeechFeatureProjection(nn.Module):

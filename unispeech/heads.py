@@ -136,6 +136,9 @@ class UniSpeechForPreTraining(_HeadBase):
         self.ctc_proj = nn.Linear(cfg.hidden_size, cfg.num_ctc_classes)
         self.dropout = nn.Dropout(cfg.final_dropout)
         self.post_init()
+        # codevector_perplexity is transformers': over every frame, padded ones included, so the
+        # features of padded frames are computed here rather than skipped
+        self.unispeech.feature_extractor.trim_padding = False
 
     def set_gumbel_temperature(self, temperature):
         """Gumbel-softmax temperature of the quantizer (decayed during training)."""

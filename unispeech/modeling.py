@@ -187,7 +187,9 @@ class UniSpeechModel(UniSpeechPreTrainedModel):
         hidden, extract_features = self.feature_projection(features)
         hidden = self._mask_hidden_states(hidden, mask_time_indices, frame_mask)
         # a mask with no padded frame changes nothing: drop it (keeps attention on its fast path)
-        encoder_mask = None if frame_mask is None or bool(frame_mask.all()) else frame_mask
+        encoder_mask = frame_mask
+        if frame_mask is not None and not torch.compiler.is_compiling() and bool(frame_mask.all()):
+            encoder_mask = None
         last, hidden_states, attentions = self.encoder(hidden, encoder_mask, output_attentions,
                                                        output_hidden_states)
         out = Wav2Vec2BaseModelOutput(last_hidden_state=last, extract_features=extract_features,

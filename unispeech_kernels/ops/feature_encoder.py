@@ -6,8 +6,11 @@ optional bias [C_out]. norm_mode "group": GroupNorm(C, C) (each channel over tim
 only, norm_weights/norm_biases hold one tensor each; "layer": LayerNorm over channels after every
 layer, one tensor per layer. Activation after every layer.
 
-input_lengths (samples, [B]) is only used with batch_invariant=True: the group-norm statistics
-are then taken over each utterance's real frames, so a padded batch equals single-utterance runs.
+input_lengths (samples, [B]) is used with batch_invariant=True: the group-norm statistics are then
+taken over each utterance's real frames, so a padded batch equals single-utterance runs; and with
+trim_padding=True: frames past an utterance's real length (conv_output_length of its samples) may
+be left uncomputed (the torch backend runs layers 1..N per utterance on its real frames and leaves
+zeros there; real frames never depend on padding, so they are unchanged).
 
 Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
 backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm
@@ -57,15 +60,11 @@ def _group_norm_over_lengths(x, weight, bias, eps, lengths):
     return y * weight[None, :, None] + bias[None, :, None]
 
 
-def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                              norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                              input_lengths=None, batch_invariant=False, upcast=False):
-    """Eager torch implementation (channels-first internally, like transformers)."""
-    act = get_activation(activation)
-    dtype = input_values.dtype
-    cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
-    x = cast(input_values)[:, None, :]
-    for i, (w, b, s) in enumerate(zip(conv_weights, conv_biases, conv_strides)):
+def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases,
+                eps, act, input_lengths, batch_invariant, cast):
+    """x [B, C_in, T] channels-first through the given layer indices; returns [B, C, T']."""
+    for i in layers:
+        w, b, s = conv_weights[i], conv_biases[i], conv_strides[i]
         x = F.conv1d(x, cast(w), cast(b), stride=s)
         if norm_mode == "layer":
             x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), cast(norm_weights[i]),
@@ -77,8 +76,18 @@ def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_stri
             else:
                 x = F.group_norm(x, x.shape[1], cast(norm_weights[0]), cast(norm_biases[0]), eps)
         x = act(x)
-    x = x.transpose(1, 2)
-    return x if upcast else x.to(dtype)
+    return x
+
+
+def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                              norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                              input_lengths=None, batch_invariant=False, upcast=False):
+    """Eager torch implementation (channels-first internally, like transformers)."""
+    cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
+    x = _run_layers(cast(input_values)[:, None, :], range(len(conv_weights)), conv_weights, conv_biases,
+                    conv_strides, norm_mode, norm_weights, norm_biases, eps, get_activation(activation),
+                    input_lengths, batch_invariant, cast).transpose(1, 2)
+    return x if upcast else x.to(input_values.dtype)
 
 
 def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
@@ -115,15 +124,34 @@ feature_encoder_op = Op("feature_encoder")
 @feature_encoder_op.register("torch", check=lambda *a, **k: None)
 def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                           norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                          input_lengths=None, batch_invariant=False):
-    return feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                                     norm_weights, norm_biases, eps=eps, activation=activation,
-                                     input_lengths=input_lengths, batch_invariant=batch_invariant)
+                          input_lengths=None, batch_invariant=False, trim_padding=False):
+    """cuDNN / oneDNN convs; with trim_padding, layers 1..N run per utterance on its real frames."""
+    kernels = [w.shape[-1] for w in conv_weights]
+    frames = None
+    if trim_padding and input_lengths is not None and len(conv_weights) > 1:
+        frames = conv_output_length(input_lengths, kernels, conv_strides).tolist()  # one host sync
+        total = conv_output_length(input_values.shape[1], kernels, conv_strides)
+        if min(frames) == total:  # nothing padded at the output: one batched pass
+            frames = None
+    if frames is None:
+        return feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                         norm_weights, norm_biases, eps=eps, activation=activation,
+                                         input_lengths=input_lengths, batch_invariant=batch_invariant)
+    args = (conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases, eps,
+            get_activation(activation), input_lengths, batch_invariant, lambda t: t)
+    first = _run_layers(input_values[:, None, :], [0], *args)  # [B, C, T0]: group stats need all of it
+    first_frames = conv_output_length(input_lengths, kernels[:1], conv_strides[:1]).tolist()
+    out = first.new_zeros(first.shape[0], total, conv_weights[-1].shape[0])
+    rest = range(1, len(conv_weights))
+    for b, (n0, n) in enumerate(zip(first_frames, frames)):
+        if n > 0:
+            out[b, :n] = _run_layers(first[b:b + 1, :, :n0], rest, *args)[0].transpose(0, 1)
+    return out
 
 
 def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                  norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                                 input_lengths=None, batch_invariant=False):
+                                 input_lengths=None, batch_invariant=False, trim_padding=False):
     tensors = [input_values, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
     reason = triton_device_reason(*tensors)
     if reason:
@@ -151,7 +179,8 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
 @feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
 def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                            norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None,
-                           batch_invariant=False):
+                           batch_invariant=False, trim_padding=False):
+    """trim_padding is a hint this backend does not take: it computes every frame."""
     x = first_conv_layer_triton(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
                                 norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
                                 batch_invariant=batch_invariant)
@@ -164,11 +193,11 @@ def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                     norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
-                    backend: Optional[str] = None):
+                    trim_padding: bool = False, backend: Optional[str] = None):
     """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""
     check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                  norm_weights, norm_biases, input_lengths)
     return feature_encoder_op(input_values, list(conv_weights), list(conv_biases), list(conv_strides),
                               norm_mode, list(norm_weights), list(norm_biases), eps=eps,
                               activation=activation, input_lengths=input_lengths,
-                              batch_invariant=batch_invariant, backend=backend)
+                              batch_invariant=batch_invariant, trim_padding=trim_padding, backend=backend)
