@@ -93,6 +93,28 @@ def test_non_prefix_mask():
     check_against_reference(q, k, v, mask)
 
 
+@pytest.mark.parametrize("prefix", [True, False])
+def test_torch_backend_real_rows_and_grads(prefix):
+    """The torch backend: prefix masks run SDPA per sequence on real frames (padded query rows
+    zero), other masks one masked SDPA; real rows and gradients equal the fp64 reference."""
+    q, k, v = (t.requires_grad_() for t in _inputs(3, 23, 2, 16, torch.float32))
+    mask = _prefix_mask([23, 9, 0], 23)
+    if not prefix:
+        mask[0, 4] = False
+    out = attention(q, k, v, mask, backend="torch")
+    ref = attention_reference(q, k, v, mask, upcast=True)
+    real = mask.any(1)[:, None] & (mask if prefix else torch.ones_like(mask))
+    torch.testing.assert_close(out[real].double(), ref[real], atol=1e-5, rtol=1e-5)
+    if prefix:
+        assert (out[~mask] == 0).all()
+    grad = torch.randn_like(out) * real[:, :, None, None]
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for name, a, b in zip("qkv", got, want):  # the reference's empty row (2) has NaN gradients
+        torch.testing.assert_close(a[:2], b[:2], atol=1e-5, rtol=1e-5, msg=name)
+        assert (a[2] == 0).all(), name
+
+
 def test_kv_end_from_mask():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert kv_end_from_mask(mask).tolist() == [2, 0, 3, 4]

@@ -102,25 +102,14 @@ class UniSpeechAttention(nn.Module):
         self.v_proj = nn.Linear(e, e)
         self.q_proj = nn.Linear(e, e)
         self.out_proj = nn.Linear(e, e)
-        self._qkv_key = self._qkv = None  # fused [3E, E] weight and [3E] bias, cached without grad
-
-    def _qkv_params(self):
-        """q, k and v projections as one GEMM (weights kept separate, as transformers saves them)."""
-        params = [p for proj in (self.q_proj, self.k_proj, self.v_proj) for p in (proj.weight, proj.bias)]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self._qkv_key = self._qkv = None
-            return torch.cat(params[0::2]), torch.cat(params[1::2])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if key != self._qkv_key:
-            with torch.no_grad():
-                self._qkv = torch.cat(params[0::2]), torch.cat(params[1::2])
-            self._qkv_key = key
-        return self._qkv
 
     def forward(self, hidden: torch.Tensor, frames: FramePacking, output_attentions: bool = False):
         """hidden [N, E] packed real frames -> (output [N, E], weights [B, H, T, T] or None)."""
-        qkv = frames.unpack(nn.functional.linear(hidden, *self._qkv_params()))  # [B, T, 3E]
-        qkv = qkv.view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
+        # q, k and v as one GEMM (a bigger GEMM parallelises better); the [3E, E] concatenation is
+        # rebuilt per call (a few MB) rather than cached next to the weights it duplicates
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = nn.functional.linear(hidden, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
+        qkv = frames.unpack(qkv).view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # [B, T, H, D] views
         mask = frames.mask
         p = self.dropout if self.training else 0.0

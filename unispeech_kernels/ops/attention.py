@@ -293,7 +293,20 @@ def _torch_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale
 
 @attention_op.register("torch", check=_torch_check)
 def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
-    """torch SDPA with a boolean key-padding mask; fully padded sequences give zeros."""
+    """torch SDPA. A prefix mask (audio padding) runs SDPA per sequence on its real frames, with no
+    mask (SDPA's fast path, no padded work; padded query rows are zero); any other mask goes to
+    SDPA as a boolean mask. Fully padded sequences give zeros."""
+    if key_padding_mask is not None and not torch.compiler.is_compiling():
+        lengths = key_padding_mask.sum(1)
+        frames = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+        if torch.equal(key_padding_mask, frames[None, :] < lengths[:, None]):  # one host sync
+            out = torch.zeros_like(q)
+            for b, n in enumerate(lengths.tolist()):
+                if n:
+                    qb, kb, vb = (t[b:b + 1, :n].transpose(1, 2) for t in (q, k, v))  # [1, H, n, D]
+                    out[b:b + 1, :n] = F.scaled_dot_product_attention(
+                        qb, kb, vb, dropout_p=dropout_p, scale=softmax_scale).transpose(1, 2)
+            return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     mask = None
     if key_padding_mask is not None:
