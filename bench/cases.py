@@ -67,7 +67,7 @@ PROFILES = {
         "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
                          fwd=["triton", "cuda", "torch"], fwd_bwd=["triton", "cuda", "torch"]),
         "e2e_inference": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8, impls=["ours", "hf_sdpa"]),
-                          dict(models=["base"], seconds=[10], batch=8, impls=["hf_compile"])],
+                          dict(models=["base"], seconds=[10], batch=8, impls=["hf_compile", "hf_patched"])],
         "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
     },
     "full": {
@@ -79,7 +79,7 @@ PROFILES = {
         "pos_conv": dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
                          fwd=["triton", "cuda", "torch", "compile"], fwd_bwd=["triton", "cuda", "torch"]),
         "e2e_inference": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
-                               impls=["ours", "hf_sdpa", "hf_compile"])],
+                               impls=["ours", "hf_sdpa", "hf_compile", "hf_patched"])],
         "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[5, 10, 20], batch=8,
                                     impls=["ours", "hf_sdpa", "hf_compile"])],
     },
@@ -88,7 +88,7 @@ PROFILES = {
         "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[]),
         "feature_encoder": [],
         "pos_conv": dict(models=[], seconds=[], batch=2, fwd=[], fwd_bwd=[]),
-        "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa"],
+        "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
                                lengths=[160000, 112000])],  # exactly 10 s and 7 s
         "e2e_ctc_train_step": [],
     },

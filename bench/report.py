@@ -16,7 +16,7 @@ import os
 import sys
 from collections import OrderedDict
 
-OUR_IMPLS = ("triton", "cuda", "ours")
+OUR_IMPLS = ("triton", "cuda", "ours", "hf_patched")
 OP_ORDER = ("attention_fwd", "attention_bwd", "feature_encoder_fwd", "pos_conv_fwd", "pos_conv_fwd_bwd",
             "e2e_inference", "e2e_ctc_train_step")
 
@@ -134,7 +134,7 @@ def markdown(doc) -> str:
 
 
 IMPL_COLORS = dict(triton="tab:blue", cuda="tab:purple", ours="tab:blue", torch="tab:gray", sdpa="tab:orange",
-                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red")
+                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red", hf_patched="tab:cyan")
 
 
 def plot(doc, path: str) -> str:

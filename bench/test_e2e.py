@@ -6,7 +6,9 @@ Impls:
 - ours:       unispeech.UniSpeechForCTC, attn_implementation "triton" on a GPU ("sdpa" on a CPU,
               issue 2's comparison), kernel_backend "auto";
 - hf_sdpa:    transformers.UniSpeechForCTC with attn_implementation "sdpa";
-- hf_compile: torch.compile(dynamic=False) of hf_sdpa.
+- hf_compile: torch.compile(dynamic=False) of hf_sdpa;
+- hf_patched: hf_sdpa's weights in a transformers model after unispeech_kernels.patch_model (issue 9:
+              transformers' own classes with our feature encoder, positional conv and attention).
 Inference: eval(), no_grad, logits. The ours row carries max_abs_diff / rel_diff of its logits vs
 hf_sdpa's over real frames (input set 0); in fp32 `outputs_match` says rel_diff <= 1e-5 (issue 2).
 Train step: train() with the config's dropouts, SpecAugment on (transformers' defaults), LayerDrop 0 so
@@ -63,6 +65,14 @@ def inference_models(model, dtype, device):
     impls = {"hf_sdpa": lambda a, m: hf(a, attention_mask=m).logits}
     compiled = torch.compile(hf, dynamic=False)
     impls["hf_compile"] = lambda a, m: compiled(a, attention_mask=m).logits
+    try:
+        import unispeech_kernels
+        patched = hf_model(model, dtype, device)
+        patched.load_state_dict(hf.state_dict())
+        unispeech_kernels.patch_model(patched)
+        impls["hf_patched"] = lambda a, m: patched(a, attention_mask=m).logits
+    except Exception as e:  # reported as that impl's error row
+        impls["hf_patched"] = functools.partial(_raise, e)
     try:
         ours = our_model(model, dtype, device, hf)
         impls["ours"] = lambda a, m: ours(a, attention_mask=m).logits
@@ -125,7 +135,7 @@ def test_e2e_inference(benchmark, recorder, device, case, dtype):
     try:
         impls = inference_models(model, dtype, device)
         fn = impls[impl]
-        if impl == "ours":
+        if impl in ("ours", "hf_patched"):
             c.extra.update(compare(fn, impls["hf_sdpa"], *sets[0], frames, dtype))
     except Exception as e:
         fn = functools.partial(_raise, e)
