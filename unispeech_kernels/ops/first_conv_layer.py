@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import triton
 
+from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
 from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
@@ -260,6 +261,10 @@ def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode,
     if triton.next_power_of_2(weight.shape[0]) > _MAX_TILE:
         return f"{weight.shape[0]} channels > {_MAX_TILE} (a program owns every channel)"
     return None
+
+
+# csrc/first_conv_layer.cu, forward only; opt-in until a GPU benchmark shows it beats Triton
+first_conv_layer_op.register("cuda", check=first_conv_layer_cuda_check, auto=False)(first_conv_layer_cuda)
 
 
 @first_conv_layer_op.register("triton", check=first_conv_layer_triton_check, auto=False)
