@@ -29,7 +29,7 @@ from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
 from .conv_layer import conv_layer, conv_layer_check
-from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check
+from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check, group_norm_over_lengths
 
 
 def conv_output_length(length, kernel_sizes: Sequence[int], strides: Sequence[int]):
@@ -49,17 +49,6 @@ def receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int]) -> int:
     return field
 
 
-def _group_norm_over_lengths(x, weight, bias, eps, lengths):
-    """GroupNorm(C, C) on x [B, C, T] with statistics over the first lengths[b] frames."""
-    t = torch.arange(x.shape[-1], device=x.device)
-    valid = (t[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]  # [B, 1, T]
-    count = valid.sum(-1, keepdim=True).clamp_min(1)
-    mean = (x * valid).sum(-1, keepdim=True) / count
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    y = (x - mean) * torch.rsqrt(var + eps)
-    return y * weight[None, :, None] + bias[None, :, None]
-
-
 def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases,
                 eps, act, input_lengths, batch_invariant, cast):
     """x [B, C_in, T] channels-first through the given layer indices; returns [B, C, T']."""
@@ -72,7 +61,7 @@ def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, n
         elif i == 0:
             if batch_invariant and input_lengths is not None:
                 lengths = conv_output_length(input_lengths, [w.shape[-1]], [s])
-                x = _group_norm_over_lengths(x, cast(norm_weights[0]), cast(norm_biases[0]), eps, lengths)
+                x = group_norm_over_lengths(x, cast(norm_weights[0]), cast(norm_biases[0]), eps, lengths)
             else:
                 x = F.group_norm(x, x.shape[1], cast(norm_weights[0]), cast(norm_biases[0]), eps)
         x = act(x)
@@ -85,7 +74,7 @@ def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_stri
     """Eager torch implementation (channels-first internally, like transformers)."""
     cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
     x = _run_layers(cast(input_values)[:, None, :], range(len(conv_weights)), conv_weights, conv_biases,
-                    conv_strides, norm_mode, norm_weights, norm_biases, eps, get_activation(activation),
+                    conv_strides, norm_mode, norm_weights, norm_biases, eps, get_activation(activation, True),
                     input_lengths, batch_invariant, cast).transpose(1, 2)
     return x if upcast else x.to(input_values.dtype)
 
@@ -138,7 +127,7 @@ def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides,
                                          norm_weights, norm_biases, eps=eps, activation=activation,
                                          input_lengths=input_lengths, batch_invariant=batch_invariant)
     args = (conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases, eps,
-            get_activation(activation), input_lengths, batch_invariant, lambda t: t)
+            get_activation(activation, True), input_lengths, batch_invariant, lambda t: t)
     first = _run_layers(input_values[:, None, :], [0], *args)  # [B, C, T0]: group stats need all of it
     first_frames = conv_output_length(input_lengths, kernels[:1], conv_strides[:1]).tolist()
     out = first.new_zeros(first.shape[0], total, conv_weights[-1].shape[0])

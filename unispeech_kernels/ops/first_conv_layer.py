@@ -36,6 +36,17 @@ from .first_conv_layer_kernels import (_first_conv_bwd_kernel, _first_conv_fwd_k
 NORM_MODES = ("group", "layer", "none")
 
 
+def group_norm_over_lengths(x, weight, bias, eps, lengths):
+    """GroupNorm(C, C) on x [B, C, T] with statistics over the first lengths[b] frames."""
+    t = torch.arange(x.shape[-1], device=x.device)
+    valid = (t[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]  # [B, 1, T]
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(-1, keepdim=True) / count
+    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    y = (x - mean) * torch.rsqrt(var + eps)
+    return y * weight[None, :, None] + bias[None, :, None]
+
+
 def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
                                *, eps=1e-5, activation="gelu", input_lengths=None,
                                batch_invariant=False, upcast=False):
@@ -45,11 +56,7 @@ def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, no
     if norm_mode == "group":
         if batch_invariant and input_lengths is not None:
             lengths = torch.div(input_lengths - weight.shape[-1], stride, rounding_mode="floor") + 1
-            valid = (torch.arange(y.shape[-1], device=y.device)[None] < lengths[:, None])[:, None].to(y.dtype)
-            count = valid.sum(-1, keepdim=True).clamp_min(1)
-            mean = (y * valid).sum(-1, keepdim=True) / count
-            var = (((y - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-            y = (y - mean) * torch.rsqrt(var + eps) * cast(norm_weight)[:, None] + cast(norm_bias)[:, None]
+            y = group_norm_over_lengths(y, cast(norm_weight), cast(norm_bias), eps, lengths)
         else:
             y = F.group_norm(y, y.shape[1], cast(norm_weight), cast(norm_bias), eps)
         y = y.transpose(1, 2)
@@ -59,7 +66,6 @@ def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, no
             y = F.layer_norm(y, (y.shape[-1],), cast(norm_weight), cast(norm_bias), eps)
     y = get_activation(activation)(y)
     return y if upcast else y.to(dtype)
-
 
 
 first_conv_layer_op = Op("first_conv_layer")

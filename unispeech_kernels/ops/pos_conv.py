@@ -47,7 +47,7 @@ def pos_conv_reference(hidden, weight, bias, *, groups, activation="gelu", resid
     y = F.conv1d(hidden.transpose(1, 2), weight, bias, padding=k // 2, groups=groups)
     if k % 2 == 0:
         y = y[:, :, :-1]
-    out = get_activation(activation)(y).transpose(1, 2)
+    out = get_activation(activation, overwrite_temporaries=True)(y).transpose(1, 2)
     if residual:
         out = hidden + out
     return out if upcast else out.to(dtype)
