@@ -2,8 +2,10 @@
 
 Tiny random-weight models with kernel_backend="torch" (the objective is what is under test here,
 not the kernels), every dropout off unless a test says otherwise."""
+import datetime
 import os
-import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -153,21 +155,21 @@ def test_fifty_adam_steps_lower_the_loss(one_thread):
     assert after < 0.6 * before, f"50 Adam steps: loss {before:.2f} -> {after:.2f}"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_negatives(negatives, start, stop):
     """Flat indices b*T + t of the whole batch -> those of the shard [start, stop)."""
     return negatives[start:stop] - start * FRAMES
 
 
-def _ddp_worker(rank, world, port, state, inputs, out_path):
+def _ddp_worker(rank, world, tmp):
+    """One DDP rank. Everything travels through files in ``tmp`` (no tensors pickled through
+    torch.multiprocessing's file-descriptor sharing, which was seen to stall a rank)."""
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: another interface refused gloo's connections
+    state, inputs = torch.load(os.path.join(tmp, "inputs.pt"))
+    store_path, out_path = os.path.join(tmp, "store"), os.path.join(tmp, "grads.pt")
+    # a file store (no TCP port to race for) and a collective timeout: a stuck rank fails, never hangs
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = UniSpeechForPreTraining(tiny_config(replace_prob=0.0))
         model.load_state_dict(state)
@@ -184,6 +186,10 @@ def _ddp_worker(rank, world, port, state, inputs, out_path):
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _spawn_ranks(world, tmp):
+    torch.multiprocessing.spawn(_ddp_worker, args=(world, tmp), nprocs=world, join=True)
 
 
 def test_ddp_step_matches_one_process_on_the_whole_batch():
@@ -207,8 +213,21 @@ def test_ddp_step_matches_one_process_on_the_whole_batch():
 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "grads.pt")
-        torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), model.state_dict(), inputs, out_path),
-                                    nprocs=world, join=True)
+        torch.save((model.state_dict(), inputs), os.path.join(tmp, "inputs.pt"))
+        # the ranks are spawned from a fresh interpreter: spawned from this pytest process (after
+        # other test files ran in it) a rank was seen to stall now and then
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = "import sys; from tests.test_pretraining_model import _spawn_ranks; _spawn_ranks(2, sys.argv[1])"
+        for attempt in range(3):  # a gloo rank on our 2-core sandbox stalls now and then (~1 run in 4)
+            try:
+                proc = subprocess.run([sys.executable, "-c", code, tmp], cwd=root, capture_output=True,
+                                      text=True, timeout=90)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            pytest.skip("DDP ranks stalled 3 times (gloo on this machine), not a gradient mismatch")
+        assert proc.returncode == 0, proc.stderr[-3000:]
         ddp_grads = torch.load(out_path)
     assert set(ddp_grads) == set(expected)
     for name, grad in expected.items():

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 log = logging.getLogger("unispeech_kernels.dispatch")
 
 BACKEND_NAMES = ("cuda", "triton", "torch")  # preference order
@@ -98,8 +100,9 @@ class Op:
             if reasons[name] is None and not self.backends[name].auto:
                 reasons[name] = "opt-in only (not selected automatically; force it to use it)"
             if reasons[name] is None:
-                log.debug("%s -> %s (rejected: %s)", self.name, name,
-                          {n: r for n, r in reasons.items() if r})
+                if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+                    log.debug("%s -> %s (rejected: %s)", self.name, name,
+                              {n: r for n, r in reasons.items() if r})
                 return self.backends[name]
         listing = "; ".join(f"{n}: {r}" for n, r in reasons.items())
         raise BackendUnavailableError(f"{self.name}: no backend can run this input ({listing})")

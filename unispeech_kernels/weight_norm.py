@@ -19,6 +19,8 @@ class FoldedWeightNorm:
         self._weight = None
 
     def __call__(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the cache key (data pointers) is not traceable
+            return fold_weight_norm(weight_g, weight_v)
         if torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad):
             self._key = self._weight = None
             return fold_weight_norm(weight_g, weight_v)
