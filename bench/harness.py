@@ -63,6 +63,9 @@ def slug(name: str) -> str:
 
 
 def git_commit(root: str) -> str:
+    """HEAD (+ "-dirty"); UNISPEECH_COMMIT when set (a GPU machine gets the working tree without .git)."""
+    if os.environ.get("UNISPEECH_COMMIT"):
+        return os.environ["UNISPEECH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -92,12 +95,57 @@ def device_info(root: str) -> dict:
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
+        info["measured_ceilings"] = measure_ceilings(torch.device("cuda"))
         info["capability"] = f"{props.major}.{props.minor}"
         info["l2_bytes"] = getattr(props, "L2_cache_size", None)
         peak = physics.peak_for(name)
         info["peak"] = None if peak is None else {"tensor_tflops": peak.tensor_tflops, "fp32_tflops": peak.fp32_tflops,
                                                    "tbps": peak.tbps, "source": peak.source}
     return info
+
+
+def measure_ceilings(device: torch.device, reps: int = 10) -> dict:
+    """This run's own ceilings (a few seconds): an 8192^3 bf16 matmul on random data (TFLOP/s) and a
+    1 GiB device-to-device copy counting bytes read + written (TB/s), each the mean of ``reps`` after
+    3 warm-ups. Recorded next to the table's ceilings (physics.PEAKS), which ``pct_of_peak`` uses so
+    that runs stay comparable; a card far below the table is worth a note in the results."""
+    def mean_s(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / reps
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    tflops = 2 * n ** 3 / mean_s(lambda: a @ b) / 1e12
+    src = torch.randn(1 << 28, device=device)  # 1 GiB of fp32
+    dst = torch.empty_like(src)
+    tbps = 2 * src.numel() * src.element_size() / mean_s(lambda: dst.copy_(src)) / 1e12
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": round(tflops, 1), "copy_tbps": round(tbps, 2),
+            "method": f"8192^3 bf16 matmul, 1 GiB copy (read + write), mean of {reps} after 3 warm-ups"}
+
+
+# ours vs a baseline at the benchmarked shape, both in the benchmark dtype: ||ours - base|| / ||base||
+# over real frames. Within the bound the row says outputs_match; outside it the row is an error (a fast
+# wrong answer is no result). fp32 allows for TF32 in cuDNN's convolutions (torch's default).
+MATCH_REL_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def rel_diff(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in fp64 over tensors (or matching lists of tensors)."""
+    if isinstance(actual, torch.Tensor):
+        actual, expected = [actual], [expected]
+    num = sum(float((a.double() - e.double()).norm()) ** 2 for a, e in zip(actual, expected))
+    den = sum(float(e.double().norm()) ** 2 for e in expected)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
 def sync(device: torch.device) -> None:
@@ -218,15 +266,21 @@ class Recorder:
                 what += f", {row['pct_of_peak']:.0f}% of floor"
             if row["peak_mem_mb"] is not None:
                 what += f", {row['peak_mem_mb']:.0f} MB"
+            if row.get("rel_diff") is not None:
+                what += f", rel diff {row['rel_diff']:.1e} vs {row['vs']}"
         line = f"[{self.done:>3}/{self.total} {self.elapsed():6.0f}s] {case.op} {case.shape} {case.dtype_name} {case.impl}: {what}"
         self.emit(line[:300])
 
     def over_budget(self) -> bool:
         return self.budget_s is not None and self.elapsed() > self.budget_s
 
-    def run(self, benchmark, case: Case, fn: Callable, input_sets: Sequence[tuple], device: torch.device):
+    def run(self, benchmark, case: Case, fn: Callable, input_sets: Sequence[tuple], device: torch.device,
+            verify: Optional[Callable[[], tuple]] = None):
         """Time fn(*s) over the rotating input sets; record a row. Unavailable backends and failing
-        baselines become error rows and skip the test; a failing implementation of ours fails it."""
+        baselines become error rows and skip the test; a failing implementation of ours fails it.
+        ``verify`` (for our impls): () -> {"rel_diff", "vs" (the baseline's name), optional "tol" (default
+        MATCH_REL_TOL of the dtype), anything else to record}, run once untimed after the timing; a
+        result over the tolerance turns the row into an error and fails the test."""
         if self.over_budget():
             self.add(case, case.row(error=f"skipped: time budget of {self.budget_s:.0f} s used up"))
             pytest.skip("benchmark time budget used up")
@@ -256,6 +310,10 @@ class Recorder:
                                warmup_rounds=knobs["warmup_rounds"])
             if device.type == "cuda":
                 mem = peak_memory_mb(lambda: fn(*input_sets[0]), device)
+            if verify is not None:
+                result = dict(verify())
+                tol = result.pop("tol", MATCH_REL_TOL[case.dtype_name])
+                case.extra.update(result, match_tol=tol, outputs_match=result["rel_diff"] <= tol)
         except BackendUnavailableError as e:
             self.add(case, case.row(error=f"unavailable: {e}"))
             pytest.skip(f"unavailable: {e}")
@@ -275,4 +333,9 @@ class Recorder:
                        p80_ms=1e3 * float(np.percentile(per_call, 80)), peak_mem_mb=mem,
                        rounds=len(per_call), calls_per_round=len(input_sets),
                        **physics.roofline(case.flops, case.nbytes, median, self.peak, case.dtype_name))
+        if case.extra.get("outputs_match") is False:  # keeps its times, but no speed-up is claimed
+            row["error"] = (f"wrong result: rel diff {case.extra['rel_diff']:.2e} vs {case.extra['vs']} "
+                            f"> {case.extra['match_tol']:g}")
         self.add(case, row)
+        if row["error"]:
+            pytest.fail(f"{case.op} {case.impl} {case.shape}: {row['error']}")

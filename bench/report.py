@@ -17,8 +17,8 @@ import sys
 from collections import OrderedDict
 
 OUR_IMPLS = ("triton", "cuda", "ours", "hf_patched")
-OP_ORDER = ("attention_fwd", "attention_bwd", "feature_encoder_fwd", "pos_conv_fwd", "pos_conv_fwd_bwd",
-            "e2e_inference", "e2e_ctc_train_step")
+OP_ORDER = ("attention_fwd", "attention_bwd", "first_conv_layer_fwd", "feature_encoder_fwd", "pos_conv_fwd",
+            "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step")
 
 
 def load(path: str) -> dict:
@@ -51,6 +51,10 @@ def header(doc) -> str:
     peak = doc.get("peak")
     ceil = (f"ceilings {peak['tensor_tflops']:g} TFLOP/s bf16/fp16, {peak['tbps']:g} TB/s ({peak['source']})"
             if peak else "no ceiling known for this device: times and ratios only")
+    measured = doc.get("measured_ceilings")
+    if measured:
+        ceil += (f"; this run measured {measured['bf16_matmul_tflops']:g} TFLOP/s bf16 matmul, "
+                 f"{measured['copy_tbps']:g} TB/s copy")
     return (f"**{doc['device']}** · {doc.get('date', '?')} · commit `{doc.get('commit', '?')}` · torch "
             f"{doc.get('torch')} · triton {doc.get('triton')} · CUDA {doc.get('cuda')} · transformers "
             f"{doc.get('transformers')} · profile {doc.get('profile')} · {ceil}")

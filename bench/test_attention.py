@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import cases, physics
-from bench.harness import Case, input_set_count
+from bench.harness import OUR_IMPLS, Case, input_set_count, rel_diff
 
 SECTION = cases.section("attention")
 FWD = [(m, s, b, i, lens) for m, s, b, i, lens in cases.expand(SECTION, "fwd")]
@@ -90,8 +90,9 @@ def test_attention_fwd(benchmark, recorder, device, case, dtype):
         fn = make_impl(impl, n, max(frames))
     except Exception as e:  # e.g. FlexAttention missing from this torch
         fn = functools.partial(_raise, e)
+    verify = functools.partial(verify_fwd, fn, *sets[0]) if impl in OUR_IMPLS else None
     with torch.no_grad():
-        recorder.run(benchmark, c, fn, sets, device)
+        recorder.run(benchmark, c, fn, sets, device, verify=verify)
 
 
 @pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
@@ -112,7 +113,26 @@ def test_attention_bwd(benchmark, recorder, device, case, dtype):
             return torch.autograd.grad(out, leaves, grad, retain_graph=True)
     except Exception as e:  # a backend that cannot run: its first timed call reports it
         graphs, fn = [(None, None, None)], functools.partial(_raise, e)
-    recorder.run(benchmark, c, fn, graphs, device)
+    verify = functools.partial(verify_bwd, fwd, *sets[0]) if impl in OUR_IMPLS else None
+    recorder.run(benchmark, c, fn, graphs, device, verify=verify)
+
+
+def verify_fwd(fn, q, k, v, mask):
+    """Our output vs SDPA's on real query rows (padded rows are ours to define)."""
+    with torch.no_grad():
+        return {"rel_diff": rel_diff(fn(q, k, v, mask)[mask], make_impl("sdpa", None, None)(q, k, v, mask)[mask]),
+                "vs": "sdpa"}
+
+
+def verify_bwd(fwd, q, k, v, mask):
+    """Our dq, dk, dv vs SDPA's for an upstream gradient on real query rows."""
+    grad = torch.randn_like(q) * mask[:, :, None, None]
+
+    def grads(f):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return [g[mask] for g in torch.autograd.grad(f(*leaves, mask), leaves, grad)]
+
+    return {"rel_diff": rel_diff(grads(fwd), grads(make_impl("sdpa", None, None))), "vs": "sdpa"}
 
 
 def _raise(error, *args):

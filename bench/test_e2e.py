@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import Case
+from bench.harness import MATCH_REL_TOL, Case, rel_diff
 
 INFER = cases.expand(cases.section("e2e_inference"))
 TRAIN = cases.expand(cases.section("e2e_ctc_train_step"))
@@ -110,15 +110,15 @@ def _n_sets(device):
 
 
 def compare(fn, reference, audio, mask, frames, dtype) -> dict:
+    """Logits vs hf_sdpa's over real frames (the harness's verify). fp32 on a CPU: issue 2's 1e-5;
+    otherwise twice the op bound (a dozen layers of rounding in the benchmark dtype)."""
     with torch.no_grad():
         a, b = fn(audio, mask).double(), reference(audio, mask).double()
     real = torch.arange(a.shape[1], device=a.device)[None, :] < torch.tensor(frames, device=a.device)[:, None]
     a, b = a[real], b[real]
-    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-    out = {"max_abs_diff": (a - b).abs().max().item(), "rel_diff": rel, "vs": "hf_sdpa"}
-    if dtype == torch.float32:
-        out["outputs_match"] = rel <= FP32_REL_TOL
-    return out
+    cpu_fp32 = dtype == torch.float32 and a.device.type == "cpu"
+    tol = FP32_REL_TOL if cpu_fp32 else 2 * MATCH_REL_TOL[str(dtype).replace("torch.", "")]
+    return {"max_abs_diff": (a - b).abs().max().item(), "rel_diff": rel_diff(a, b), "vs": "hf_sdpa", "tol": tol}
 
 
 @pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
@@ -132,17 +132,16 @@ def test_e2e_inference(benchmark, recorder, device, case, dtype):
              dict(model=model, seconds=seconds, batch=batch, samples=lengths, frames=frames,
                   attn_implementation=our_attention(device) if impl == "ours" else "sdpa"),
              flops=physics.model_forward_flops(lengths, cfg)[0])
+    verify = None
     try:
         impls = inference_models(model, dtype, device)
         fn = impls[impl]
         if impl in ("ours", "hf_patched"):
-            c.extra.update(compare(fn, impls["hf_sdpa"], *sets[0], frames, dtype))
+            verify = functools.partial(compare, fn, impls["hf_sdpa"], *sets[0], frames, dtype)
     except Exception as e:
         fn = functools.partial(_raise, e)
     with torch.no_grad():
-        recorder.run(benchmark, c, fn, sets, device)
-    if c.extra.get("outputs_match") is False:
-        pytest.fail(f"ours differs from transformers: rel diff {c.extra['rel_diff']:.2e} > {FP32_REL_TOL}")
+        recorder.run(benchmark, c, fn, sets, device, verify=verify)
 
 
 def train_step_fn(impl, model, dtype, device):

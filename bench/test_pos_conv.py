@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import Case, input_set_count
+from bench.harness import OUR_IMPLS, Case, input_set_count, rel_diff
 
 SECTION = cases.section("pos_conv")
 FWD = cases.expand(SECTION, "fwd")
@@ -70,8 +70,10 @@ def setup_case(op, case, dtype, device, backward):
 @pytest.mark.parametrize("case", FWD, ids=_id)
 def test_pos_conv_fwd(benchmark, recorder, device, case, dtype):
     c, fn, sets = setup_case("pos_conv_fwd", case, dtype, device, backward=False)
+    ref = make_impl("torch", c.params["groups"])
+    verify = (lambda: {"rel_diff": rel_diff(fn(*sets[0]), ref(*sets[0])), "vs": "torch"}) if c.impl in OUR_IMPLS else None
     with torch.no_grad():
-        recorder.run(benchmark, c, fn, sets, device)
+        recorder.run(benchmark, c, fn, sets, device, verify=verify)
 
 
 @pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
@@ -79,7 +81,10 @@ def test_pos_conv_fwd(benchmark, recorder, device, case, dtype):
 def test_pos_conv_fwd_bwd(benchmark, recorder, device, case, dtype):
     c, fwd, sets = setup_case("pos_conv_fwd_bwd", case, dtype, device, backward=True)
 
-    def fn(hidden, weight, bias, grad):
-        return torch.autograd.grad(fwd(hidden, weight, bias), (hidden, weight, bias), grad)
+    def grads(f, hidden, weight, bias, grad):
+        return torch.autograd.grad(f(hidden, weight, bias), (hidden, weight, bias), grad)
 
-    recorder.run(benchmark, c, fn, sets, device)
+    fn = functools.partial(grads, fwd)
+    ref = functools.partial(grads, make_impl("torch", c.params["groups"]))
+    verify = (lambda: {"rel_diff": rel_diff(fn(*sets[0]), ref(*sets[0])), "vs": "torch"}) if c.impl in OUR_IMPLS else None
+    recorder.run(benchmark, c, fn, sets, device, verify=verify)

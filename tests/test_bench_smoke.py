@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import harness, physics, report
+from bench import cases, harness, physics, report
 from unispeech_kernels import BackendUnavailableError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,52 @@ def test_harness_failing_baseline_is_skipped_but_ours_fails(benchmark):
     assert [r["error"] for r in rec.rows] == ["error: RuntimeError: kernel exploded"] * 2
 
 
+def test_harness_verify_records_a_match(benchmark, monkeypatch):
+    monkeypatch.setenv("UNISPEECH_COMMIT", "0123abc")
+    rec = harness.Recorder(ROOT, None, 1)
+    assert rec.info["commit"] == "0123abc"  # a GPU machine gets the tree without .git
+    sets = [(torch.randn(32, 32), torch.randn(32, 32))]
+    close = lambda: {"rel_diff": harness.rel_diff([torch.ones(4) * 1.0005], [torch.ones(4)]), "vs": "torch"}
+    rec.run(benchmark, _case("triton"), torch.mm, sets, torch.device("cpu"), verify=close)
+    row = rec.rows[0]
+    assert row["error"] is None and row["vs"] == "torch" and row["outputs_match"] is True
+    assert row["rel_diff"] == pytest.approx(5e-4, rel=1e-3) and row["match_tol"] == harness.MATCH_REL_TOL["float32"]
+
+
+def test_harness_wrong_result_is_an_error_row_and_a_failure(benchmark):
+    rec = harness.Recorder(ROOT, None, 1)
+    wrong = lambda: {"rel_diff": 0.5, "vs": "sdpa"}
+    with pytest.raises(pytest.fail.Exception, match="wrong result: rel diff 5.00e-01 vs sdpa"):
+        rec.run(benchmark, _case("triton"), torch.mm, [(torch.randn(8, 8), torch.randn(8, 8))],
+                torch.device("cpu"), verify=wrong)
+    (row,) = rec.rows
+    assert row["median_ms"] is not None and row["outputs_match"] is False and row["error"].startswith("wrong result")
+
+
+def test_check_profile_covers_every_goal_shape():
+    """gpu-check's profile measures what the issues' goals name: attention at S 250/500/1000/1500
+    with H 16, D 64 against SDPA and FlexAttention (fwd and bwd), pos conv at T 500/1500 for both
+    models, the first layer's CUDA kernel next to Triton, the feature encoder at 10 and 30 s against
+    eager and torch.compile, and the model against transformers."""
+    check = cases.PROFILES["check"]
+    att = check["attention"]
+    large = cases.MODELS[att["models"][0]]
+    assert (large["num_attention_heads"], large["hidden_size"] // large["num_attention_heads"]) == (16, 64)
+    assert [max(cases.frame_lengths(cases.batch_lengths(s, 8))) for s in att["seconds"]] == [249, 499, 999, 1499]
+    assert {"triton", "sdpa", "flex"} <= set(att["fwd"]) and {"triton", "flex"} <= set(att["bwd"])
+    pos = check["pos_conv"]
+    assert set(pos["models"]) == {"base", "large"} and \
+        [max(cases.frame_lengths(cases.batch_lengths(s, 8))) for s in pos["seconds"]] == [499, 1499]
+    assert {"cuda", "triton"} <= {c[3] for c in cases.expand(check["first_conv_layer"])}
+    fe = cases.expand(check["feature_encoder"])
+    assert {(c[1], c[3]) for c in fe} >= {(10, "triton"), (10, "torch"), (10, "compile"), (30, "triton"), (30, "torch")}
+    assert {"ours", "hf_sdpa", "hf_compile"} <= {c[3] for c in cases.expand(check["e2e_inference"])}
+    assert {"ours", "hf_sdpa"} <= {c[3] for c in cases.expand(check["e2e_ctc_train_step"])}
+    for name, profile in cases.PROFILES.items():  # every bench file finds its section everywhere
+        assert {"attention", "pos_conv", "first_conv_layer", "feature_encoder", "e2e_inference",
+                "e2e_ctc_train_step"} <= set(profile), name
+
+
 def _row(op, impl, shape, ms, **kw):
     row = dict(op=op, impl=impl, dtype="bfloat16", shape=shape, params={}, median_ms=ms,
                p20_ms=None if ms is None else 0.9 * ms, p80_ms=None if ms is None else 1.1 * ms,
@@ -98,6 +144,7 @@ def _row(op, impl, shape, ms, **kw):
 
 CANNED = dict(device="NVIDIA H100 80GB HBM3", date="2026-11-24T10:00:00", commit="abc123", torch="2.11.0",
               triton="3.6.0", cuda="13.0", transformers="5.17.0", profile="check",
+              measured_ceilings=dict(bf16_matmul_tflops=781.5, copy_tbps=2.98, method="..."),
               peak=dict(tensor_tflops=790.0, fp32_tflops=67.0, tbps=3.0, source="measured (design.md)"),
               rows=[_row("attention_fwd", "triton", "base S499", 1.0, tflops=300.0, pct_of_peak=38.0),
                     _row("attention_fwd", "sdpa", "base S499", 2.0),
@@ -119,7 +166,7 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(path), "--out", str(out)]) == 0
     md = (out / (path.stem + ".md")).read_text()
-    assert "NVIDIA H100 80GB HBM3" in md and "790" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "790" in md and "this run measured 781.5 TFLOP/s" in md
     # summary: ours vs the fastest baseline
     assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in md
     assert "| e2e_inference | base B8 10s | bfloat16 | ours | 10.000 | hf_compile | 11.000 | 1.10x |" in md
