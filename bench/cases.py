@@ -68,7 +68,7 @@ PROFILES = {
         "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
                          fwd=["triton", "torch"], fwd_bwd=["triton", "torch"]),
         "first_conv_layer": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["cuda", "triton", "torch"])],
-        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8, impls=["triton", "torch", "compile"])],
+        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8, impls=["triton", "cuda", "torch", "compile"])],
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
         "e2e_ctc_train_step": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
     },

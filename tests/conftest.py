@@ -1,11 +1,14 @@
-"""Test setup: Triton runs through its interpreter on CPU machines, every test is seeded, and
-transformers never reaches for the network."""
+"""Test setup: Triton runs through its interpreter on CPU machines (on GPU machines TF32 is off, so
+fp32 references are fp32), every test is seeded, and transformers never reaches for the network."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any @triton.jit import
+else:  # fp32 means fp32 on a GPU too: eager baselines without cuDNN's default TF32 convolutions
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -12,7 +12,8 @@ import torch
 
 from tolerances import assert_error_within
 from unispeech_kernels import _cuda
-from unispeech_kernels.dispatch import BackendUnavailableError, Op
+from unispeech_kernels.dispatch import BackendUnavailableError, Op, resolve_backend
+from unispeech_kernels.ops.feature_encoder import feature_encoder, feature_encoder_op, feature_encoder_reference
 from unispeech_kernels.ops.first_conv_layer import first_conv_layer_op, first_conv_layer_reference
 
 NOT_BUILT = _cuda.extension_reason() is not None
@@ -65,6 +66,36 @@ def test_dispatcher_lists_the_reason_when_cuda_is_forced():
 def test_first_conv_layer_op_reports_extension_not_built():
     x, w, b, nw, nb = make_inputs(2, 64, 16, 10, torch.float32, "cpu")
     assert first_conv_layer_op.reasons(x, w, b, 5, "group", nw, nb)["cuda"] == "CUDA extension not built"
+
+
+def encoder_inputs(dtype, device, norm_mode, B=2, L=4000, C=64):
+    """A 7-layer UniSpeech-shaped conv stack with C channels (conv bias in layer mode)."""
+    kernels, strides = (10, 3, 3, 3, 3, 2, 2), [5, 2, 2, 2, 2, 2, 2]
+    g = dict(dtype=dtype, device=device)
+    ws = [torch.randn(C, 1 if i == 0 else C, k, **g) / (k * (1 if i == 0 else C)) ** 0.5 for i, k in enumerate(kernels)]
+    bs = [0.1 * torch.randn(C, **g) if norm_mode == "layer" else None for _ in kernels]
+    n = len(kernels) if norm_mode == "layer" else 1
+    gs, betas = [1 + 0.1 * torch.randn(C, **g) for _ in range(n)], [0.1 * torch.randn(C, **g) for _ in range(n)]
+    return torch.randn(B, L, **g), ws, bs, strides, norm_mode, gs, betas
+
+
+def test_model_wide_cuda_choice_per_op():
+    """kernel_backend="cuda" / patch_model(backend="cuda"): CUDA where an op has it, Triton elsewhere."""
+    assert resolve_backend("feature_encoder", "cuda") == "cuda"
+    assert resolve_backend("first_conv_layer", "cuda") == "cuda"
+    assert resolve_backend("pos_conv", "cuda") == "triton" and resolve_backend("attention", "cuda") == "triton"
+    assert resolve_backend("pos_conv", "auto") is None and resolve_backend("pos_conv", None) is None
+    assert resolve_backend("pos_conv", "torch") == "torch"
+
+
+@pytest.mark.skipif(not NOT_BUILT, reason="the extension is built here")
+def test_feature_encoder_cuda_backend_reasons():
+    args = encoder_inputs(torch.float32, "cpu", "group")
+    assert feature_encoder_op.reasons(*args)["cuda"] == "layer 0: CUDA extension not built"
+    with pytest.raises(BackendUnavailableError, match="cuda: layer 0: CUDA extension not built"):
+        feature_encoder(*args, backend="cuda")
+    args[1][0].requires_grad_(True)
+    assert feature_encoder_op.reasons(*args)["cuda"] == "layer 0: cuda first_conv_layer has no backward"
 
 
 @pytest.mark.parametrize("archs, cap, ok", [
@@ -196,3 +227,18 @@ def test_bindings_reject_bad_input_with_clear_errors():
         with pytest.raises(RuntimeError, match=message):
             op(*args.values())
     torch.cuda.synchronize()  # no launch was made with bad input: the context is healthy
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_mode", ["group", "layer"])
+def test_feature_encoder_cuda_backend_matches_reference(dtype, norm_mode):
+    """Layer 0 on the extension, layers 1..6 on Triton, against the fp64 reference."""
+    args = encoder_inputs(dtype, "cuda", norm_mode)
+    with torch.no_grad():
+        out = feature_encoder(*args, backend="cuda")
+        ref = feature_encoder_reference(*args, upcast=True)
+        eager = feature_encoder_reference(*args)
+    assert feature_encoder_op.last_reasons["cuda"] is None
+    assert_error_within(out, ref, eager, dtype, f"feature_encoder[cuda, {norm_mode}]")

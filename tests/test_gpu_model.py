@@ -3,7 +3,7 @@
 UniSpeechForCTC with attn_implementation="triton" and kernel_backend="triton" (Triton feature
 encoder, positional conv and attention, through the real compiler with autotuning) against
 transformers' UniSpeechForCTC with SDPA, same weights, a padded batch of 3 s / 2 s / 0.75 s of audio,
-both encoder variants. fp32 with TF32 off must agree closely; bf16 is held to the tolerance rule
+both encoder variants. fp32 (TF32 off: tests/conftest.py) must agree closely; bf16 is held to the tolerance rule
 (error vs the fp32 reference at most 2x transformers' own bf16 error + floor); one training
 backward compares the gradient of every parameter. Model shapes are small (128 conv channels,
 hidden 256, 4 heads of 64, 2 layers) so compiles dominate and the file runs in seconds.
@@ -26,15 +26,6 @@ CONFIG = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, inter
 VARIANTS = {"group-postnorm": dict(),
             "layer-stable-bias": dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)}
 LENGTHS = (48000, 31000, 12000)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 means fp32: cuDNN's default TF32 convolutions would blur the comparison."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def build_pair(variant, dtype=torch.float32, train=False):

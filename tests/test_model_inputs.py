@@ -10,6 +10,7 @@ import transformers
 import unispeech
 from tolerances import ALLCLOSE
 from unispeech.configuration import HF_DEFAULTS
+from unispeech_kernels import BackendUnavailableError
 
 TOL = ALLCLOSE[torch.float32]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
@@ -119,6 +120,14 @@ def test_padding_does_not_leak():
         a, b = (m(v, attention_mask=mask).last_hidden_state for v in (x, y))
     real = m._get_feat_extract_output_lengths(400)
     torch.testing.assert_close(a[1, :real - 2], b[1, :real - 2], **TOL)  # last frames see padded samples
+
+
+def test_kernel_backend_cuda_forces_the_extension_where_an_op_has_it():
+    """The feature encoder has a CUDA backend (layer 0): forced, it runs or says why not."""
+    m = model(kernel_backend="cuda")
+    with torch.no_grad(), pytest.raises(BackendUnavailableError,
+                                        match=r"feature_encoder: backend 'cuda' cannot run this input \(cuda: layer 0: "):
+        m(torch.randn(1, 500))
 
 
 def test_kernel_backends_and_switch_names():

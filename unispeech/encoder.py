@@ -66,7 +66,7 @@ class UniSpeechPositionalConvEmbedding(nn.Module):
         cfg = self.config
         return unispeech_kernels.pos_conv_embed(
             hidden, self.weight(), self.conv.bias, groups=cfg.num_conv_pos_embedding_groups,
-            activation=cfg.feat_extract_activation, backend=kernel_backend(cfg))
+            activation=cfg.feat_extract_activation, backend=kernel_backend(cfg, "pos_conv"))
 
 
 class FramePacking:

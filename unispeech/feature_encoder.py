@@ -19,9 +19,10 @@ from unispeech_kernels.ops.feature_encoder import receptive_field
 NORM_EPS = 1e-5  # transformers' conv layers use the nn default eps, not config.layer_norm_eps
 
 
-def kernel_backend(config) -> Optional[str]:
-    """The op backend the config asks for ("auto" -> let the dispatcher pick)."""
-    return None if config.kernel_backend == "auto" else config.kernel_backend
+def kernel_backend(config, op: str) -> Optional[str]:
+    """The backend ``config.kernel_backend`` forces on ``op``: "auto" -> None (the dispatcher picks);
+    "cuda" -> the CUDA extension where the op has one, Triton where not (the positional conv)."""
+    return unispeech_kernels.resolve_backend(op, config.kernel_backend)
 
 
 class ConvLayer(nn.Module):
@@ -67,7 +68,8 @@ class UniSpeechFeatureEncoder(nn.Module):
             list(cfg.conv_stride), cfg.feat_extract_norm, [l.layer_norm.weight for l in normed],
             [l.layer_norm.bias for l in normed], eps=NORM_EPS, activation=cfg.feat_extract_activation,
             input_lengths=input_lengths, batch_invariant=cfg.batch_invariant_group_norm,
-            trim_padding=self.trim_padding and not torch.compiler.is_compiling(), backend=kernel_backend(cfg))
+            trim_padding=self.trim_padding and not torch.compiler.is_compiling(),
+            backend=kernel_backend(cfg, "feature_encoder"))
 
 
 class UniSpeechFeatureProjection(nn.Module):

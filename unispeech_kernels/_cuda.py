@@ -97,6 +97,8 @@ def cuda_reason(device=None) -> Optional[str]:
 def first_conv_layer_cuda_check(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
                                 eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
     """Why the CUDA first_conv_layer kernel cannot run these inputs, or None."""
+    if torch.compiler.is_compiling():  # the loader and device probes below are eager-only code
+        return "not selectable under torch.compile (the extension is probed eagerly only)"
     tensors = [t for t in (input_values, weight, bias, norm_weight, norm_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "cuda first_conv_layer has no backward"

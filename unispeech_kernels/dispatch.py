@@ -56,6 +56,21 @@ def env_override(op_name: str) -> Optional[str]:
     return forced
 
 
+OPS: dict[str, "Op"] = {}  # every op by name, filled as the ops/ modules import
+
+
+def resolve_backend(op_name: str, requested: Optional[str]) -> Optional[str]:
+    """What a model-wide backend choice (``kernel_backend``, ``patch_model(backend=)``) forces on one
+    op: None / "auto" -> None (the dispatcher picks); "cuda" -> "cuda" where the op has a CUDA
+    backend and "triton" where it has none (the CUDA extension covers only some ops); otherwise the
+    name itself. A forced backend that cannot run the input still raises, with every reason."""
+    if requested in (None, "auto"):
+        return None
+    if requested == "cuda" and op_name in OPS and "cuda" not in OPS[op_name].backends:
+        return "triton"
+    return requested
+
+
 class Op:
     """Registry of the backends of one op, in preference order cuda > triton > torch."""
 
@@ -63,6 +78,7 @@ class Op:
         self.name = name
         self.backends: dict[str, Backend] = {}
         self.last_reasons: dict[str, Optional[str]] = {}
+        OPS[name] = self
 
     def register(self, name: str, check: Callable[..., Optional[str]], auto: bool = True):
         """Decorator: ``@op.register("triton", check=fn)`` on the implementation. ``auto=False``

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..dispatch import resolve_backend
 from ..ops.feature_encoder import feature_encoder
 from ..ops.pos_conv import pos_conv_embed
 from ..weight_norm import FoldedWeightNorm
@@ -42,7 +43,8 @@ def _feature_encoder_forward(module, activation: str, backend):
         return feature_encoder(
             input_values, [l.conv.weight for l in layers], [l.conv.bias for l in layers],
             [l.conv.stride[0] for l in layers], norm_mode, [n.weight for n in norms],
-            [n.bias for n in norms], eps=norms[0].eps, activation=activation, backend=backend,
+            [n.bias for n in norms], eps=norms[0].eps, activation=activation,
+            backend=resolve_backend("feature_encoder", backend),
         ).transpose(1, 2)
 
     return forward
@@ -85,7 +87,7 @@ def _pos_conv_forward(module, activation: str, backend):
         if batch_norm is not None:
             hidden_states = batch_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         return pos_conv_embed(hidden_states, weight(), conv.bias, groups=groups, activation=activation,
-                              residual=False, backend=backend)
+                              residual=False, backend=resolve_backend("pos_conv", backend))
 
     return forward
 
@@ -93,7 +95,8 @@ def _pos_conv_forward(module, activation: str, backend):
 def patch_model(model, backend: Optional[str] = None):
     """Route a transformers UniSpeech / UniSpeechSat / Wav2Vec2 / HuBERT model's hot spots through
     unispeech_kernels. ``backend`` forces one backend for the feature encoder and positional conv
-    (None: the dispatcher picks per input). Returns the model; patching twice is a no-op."""
+    (None: the dispatcher picks per input; "cuda": the CUDA extension where the op has it, else
+    Triton, see ``dispatch.resolve_backend``). Returns the model; patching twice is a no-op."""
     model_type = _model_type(model)
     if not isinstance(model, torch.nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(f"patch_model supports transformers models of type {SUPPORTED_MODEL_TYPES}; "

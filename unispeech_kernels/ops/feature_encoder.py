@@ -17,6 +17,9 @@ backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T,
 and GELU fused in, so nothing is transposed between layers. One torch.library op per layer, each
 with its autograd formula; a frozen encoder (no input or parameter requiring grad, or no_grad)
 saves nothing for backward.
+
+CUDA backend (opt-in): layer 0 on the CUDA extension's fused kernel (forward only: rejected with a
+reason when a gradient is needed), layers 1..N on the same Triton kernels.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
 from .conv_layer import conv_layer, conv_layer_check
+from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
 from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check, group_norm_over_lengths
 
 
@@ -138,9 +142,9 @@ def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides,
     return out
 
 
-def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                                 norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                                 input_lengths=None, batch_invariant=False, trim_padding=False):
+def _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
+                         norm_biases) -> Optional[str]:
+    """Can Triton run layers 1..N (device and one dtype for every tensor, channel chain, limits)?"""
     tensors = [input_values, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
     reason = triton_device_reason(*tensors)
     if reason:
@@ -148,12 +152,6 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
     dtypes = {t.dtype for t in tensors if t is not None}
     if len(dtypes) != 1:
         return f"mixed dtypes {sorted(map(str, dtypes))}"
-    reason = first_conv_layer_triton_check(
-        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
-        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
-        batch_invariant=batch_invariant)
-    if reason:
-        return f"layer 0: {reason}"
     for i, w in enumerate(conv_weights[1:], 1):
         if w.dim() != 3 or w.shape[1] != conv_weights[i - 1].shape[0]:
             return (f"layer {i}: weight {tuple(w.shape)} does not take the "
@@ -165,18 +163,55 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
     return None
 
 
+def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                 norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                                 input_lengths=None, batch_invariant=False, trim_padding=False):
+    reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
+                                  norm_biases)
+    if reason:
+        return reason
+    reason = first_conv_layer_triton_check(
+        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
+        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
+        batch_invariant=batch_invariant)
+    return f"layer 0: {reason}" if reason else None
+
+
 @feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
 def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                            norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None,
-                           batch_invariant=False, trim_padding=False):
+                           batch_invariant=False, trim_padding=False, first_layer=first_conv_layer_triton):
     """trim_padding is a hint this backend does not take: it computes every frame."""
-    x = first_conv_layer_triton(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
-                                norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
-                                batch_invariant=batch_invariant)
+    x = first_layer(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
+                    norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
+                    batch_invariant=batch_invariant)
     for i in range(1, len(conv_weights)):
         norm = ("layer", norm_weights[i], norm_biases[i]) if norm_mode == "layer" else ("none", None, None)
         x = conv_layer(x, conv_weights[i], conv_biases[i], conv_strides[i], *norm, eps=eps)
     return x
+
+
+def feature_encoder_cuda_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                               norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
+                               input_lengths=None, batch_invariant=False, trim_padding=False):
+    reason = first_conv_layer_cuda_check(
+        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
+        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
+        batch_invariant=batch_invariant)
+    if reason:
+        return f"layer 0: {reason}"
+    reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
+                                  norm_biases)
+    return f"layers 1..{len(conv_weights) - 1} (Triton): {reason}" if reason else None
+
+
+@feature_encoder_op.register("cuda", check=feature_encoder_cuda_check, auto=False)
+def feature_encoder_cuda(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
+                         norm_biases, **kwargs):
+    """Layer 0 on the CUDA extension (forward only), layers 1..N on the Triton kernels. Opt-in
+    until a GPU benchmark shows the CUDA first layer faster than Triton's (bench first_conv_layer_fwd)."""
+    return feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
+                                  norm_weights, norm_biases, **kwargs, first_layer=first_conv_layer_cuda)
 
 
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
