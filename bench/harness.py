@@ -148,6 +148,20 @@ def rel_diff(actual, expected) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
+def verify_same(fn: Callable, reference: Callable, inputs: tuple, vs: str = "torch") -> dict:
+    """``verify`` for ops whose every output element is defined: fn vs reference on ``inputs``."""
+    return {"rel_diff": rel_diff(fn(*inputs), reference(*inputs)), "vs": vs}
+
+
+def verify_real_frames(fn: Callable, reference: Callable, inputs: tuple, frames: Sequence[int],
+                       vs: str = "torch") -> dict:
+    """``verify`` for ops with [B, T, ...] outputs: fn vs reference on ``inputs`` over each
+    utterance's real frames (frames[b] of row b; what lies past them is each backend's own)."""
+    ours, ref = fn(*inputs), reference(*inputs)
+    return {"rel_diff": rel_diff([ours[b, :n] for b, n in enumerate(frames)],
+                                 [ref[b, :n] for b, n in enumerate(frames)]), "vs": vs}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

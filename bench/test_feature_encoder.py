@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, rel_diff
+from bench.harness import OUR_IMPLS, Case, input_set_count, verify_real_frames
 
 CASES = cases.expand(cases.section("feature_encoder"))
 
@@ -80,13 +80,6 @@ def test_feature_encoder_fwd(benchmark, recorder, device, case, dtype):
              nbytes=physics.feature_encoder_bytes(lengths, *conv, elem))
     fn = make_impl(impl, weights)
     verify = functools.partial(verify_real_frames, fn, make_impl("torch", weights), sets[0], frames) \
-        if impl in OUR_IMPLS else None
+        if impl in OUR_IMPLS else None  # vs the eager (cuDNN) path
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)
-
-
-def verify_real_frames(fn, reference, inputs, frames):
-    """Our features vs the eager (cuDNN) path's over each utterance's real frames."""
-    ours, ref = fn(*inputs), reference(*inputs)
-    return {"rel_diff": rel_diff([ours[b, :n] for b, n in enumerate(frames)],
-                                 [ref[b, :n] for b, n in enumerate(frames)]), "vs": "torch"}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, rel_diff
+from bench.harness import OUR_IMPLS, Case, input_set_count, verify_real_frames
 
 CASES = cases.expand(cases.section("first_conv_layer"))
 
@@ -59,16 +59,8 @@ def test_first_conv_layer_fwd(benchmark, recorder, device, case, dtype):
              nbytes=physics.feature_encoder_bytes(lengths, *conv, elem))
     fn = make_impl(impl, layer)
     verify = None
-    if impl in OUR_IMPLS:
+    if impl in OUR_IMPLS:  # vs eager over each utterance's real frames
         out_frames = [physics.conv_out_len(n, conv[1][0], conv[2][0]) for n in lengths]
-        ref = make_impl("torch", layer)
-        verify = functools.partial(_verify, fn, ref, sets[0][0], out_frames)
+        verify = functools.partial(verify_real_frames, fn, make_impl("torch", layer), sets[0], out_frames)
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)
-
-
-def _verify(fn, reference, audio, frames):
-    """Ours vs eager over each utterance's real frames."""
-    ours, ref = fn(audio), reference(audio)
-    return {"rel_diff": rel_diff([ours[b, :n] for b, n in enumerate(frames)], [ref[b, :n] for b, n in enumerate(frames)]),
-            "vs": "torch"}

@@ -1,0 +1,58 @@
+"""The benchmark cases of our kernels run end to end on tiny inputs (Triton through the interpreter
+on CPU machines): inputs, the timed call, and the untimed check of our result against the baseline
+(bench/harness.py ``verify``), so a GPU run never spends its minutes on a broken benchmark. No
+timing claims: one round each."""
+import pytest
+import torch
+
+from bench import cases, harness, test_attention, test_feature_encoder, test_first_conv_layer, test_pos_conv
+
+ROOT = harness.os.path.dirname(harness.os.path.dirname(harness.os.path.abspath(harness.__file__)))
+LENGTHS = [1680, 1200]  # samples: 5 and 3 frames after the conv stack, 335 / 239 after layer 0
+TINY = dict(cases.CONV, conv_dim=[32] * 7, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=32)
+MODELS = {"tiny-group": dict(TINY, feat_extract_norm="group", conv_bias=False),
+          "tiny-layer": dict(TINY, feat_extract_norm="layer", conv_bias=True)}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    for name, cfg in MODELS.items():
+        monkeypatch.setitem(cases.MODELS, name, cfg)
+    monkeypatch.setitem(harness.TIMING, DEVICE.type, dict(harness.TIMING[DEVICE.type], target_s=0.0, cache_bytes=1,
+                                                          min_rounds=1, max_rounds=1, warmup_rounds=0))
+    return harness.Recorder(ROOT, None, 1)
+
+
+def _check(rec):
+    (row,) = rec.rows
+    assert row["error"] is None, row["error"]
+    assert row["outputs_match"] is True and row["rel_diff"] < row["match_tol"], row
+    return row
+
+
+@pytest.mark.parametrize("bench", [test_attention.test_attention_fwd, test_attention.test_attention_bwd])
+def test_attention_cases(benchmark, recorder, bench):
+    bench(benchmark, recorder, DEVICE, ("tiny-group", 0.1, 2, "triton", LENGTHS), torch.float32)
+    assert _check(recorder)["vs"] == "sdpa"
+
+
+@pytest.mark.parametrize("bench", [test_pos_conv.test_pos_conv_fwd, test_pos_conv.test_pos_conv_fwd_bwd])
+def test_pos_conv_cases(benchmark, recorder, bench):
+    bench(benchmark, recorder, DEVICE, ("tiny-group", 0.1, 2, "triton", LENGTHS), torch.float32)
+    assert _check(recorder)["vs"] == "torch"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_first_conv_layer_case(benchmark, recorder, model):
+    test_first_conv_layer.test_first_conv_layer_fwd(benchmark, recorder, DEVICE, (model, 0.1, 2, "triton", LENGTHS),
+                                                    torch.float32)
+    _check(recorder)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_feature_encoder_case(benchmark, recorder, model):
+    test_feature_encoder.test_feature_encoder_fwd(benchmark, recorder, DEVICE, (model, 0.1, 2, "triton", LENGTHS),
+                                                  torch.float32)
+    _check(recorder)
