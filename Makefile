@@ -45,7 +45,7 @@ bench-cpu: $(STAMP)
 	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py; s=$$?; \
 	$(PY) -m bench.report --summary $(NEWEST); exit $$s
 
-# on a CUDA machine, no network: build, GPU tests, benchmarks, results + plots, summary (<= 8 min)
+# on a CUDA machine, no network: build, GPU tests, benchmarks, results + plots, summary (<= 9 min)
 gpu-check:
 	bash bench/gpu_check.sh
 
