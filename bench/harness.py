@@ -289,7 +289,7 @@ class Recorder:
         return self.budget_s is not None and self.elapsed() > self.budget_s
 
     def run(self, benchmark, case: Case, fn: Callable, input_sets: Sequence[tuple], device: torch.device,
-            verify: Optional[Callable[[], tuple]] = None):
+            verify: Optional[Callable[[], dict]] = None):
         """Time fn(*s) over the rotating input sets; record a row. Unavailable backends and failing
         baselines become error rows and skip the test; a failing implementation of ours fails it.
         ``verify`` (for our impls): () -> {"rel_diff", "vs" (the baseline's name), optional "tol" (default

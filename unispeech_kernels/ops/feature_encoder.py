@@ -28,11 +28,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
 from .._runtime import triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
 from .conv_layer import conv_layer, conv_layer_check
-from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
 from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check, group_norm_over_lengths
 
 
