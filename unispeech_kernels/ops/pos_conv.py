@@ -13,6 +13,10 @@ over the reduction index r = k * CG + ci (length K * CG: 6144 base, 8192 large) 
 reorganised once per call to [G, K * CG, CG]; tensor-core dots with fp32 accumulation; epilogue
 bias, exact-erf GELU, residual add of x, one store. The dX backward is the same kernel on the
 flipped taps (FLIP); dW, db and GELU's derivative live in ``pos_conv_bwd.py``.
+The post-norm encoder's LayerNorm after this op is not fused in: it needs all C channels of a frame,
+a program owns one group's CG. Owning every group would cut the grid 16x (1024 -> 64 programs at
+B 8, T 500 on 132 SMs) to save one memory-bound pass of ~12 MB (a few microseconds next to a conv
+of ~37 GFLOP), so the norm stays a separate op.
 File order: reference -> kernel -> launchers -> torch.library ops + autograd -> backends -> entry
 point -> aot_specs.
 """
