@@ -121,6 +121,25 @@ def test_kv_end_from_mask():
     assert kv_end_from_mask(mask).dtype == torch.int32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_run_then_holes_and_block_edges(dtype):
+    """A mask real on its first 21 frames then with holes, a prefix ending exactly on a key-block
+    edge (32) and one just past it (33), an unpadded row; with and without dropout."""
+    S = 53
+    mask = torch.zeros(4, S, dtype=torch.bool, device=DEVICE)
+    mask[0, :21] = True
+    mask[0, 21:] = torch.rand(S - 21, device=DEVICE) < 0.5
+    mask[1, :32] = True
+    mask[2, :33] = True
+    mask[3] = True
+    q, k, v = _inputs(4, S, 2, 32, dtype)
+    check_against_reference(q, k, v, mask)
+    torch.manual_seed(5)
+    seed = draw_dropout_seed(q.device)
+    keep = dropout_keep_mask(seed, 4, 2, S, 0.3)
+    check_against_reference(q, k, v, mask, dropout_p=0.3, dropout_mask=keep, rng_seed=5)
+
+
 def test_dropout_rate_within_binomial_bound():
     p, B, H, S = 0.3, 2, 2, 64
     keep = dropout_keep_mask(draw_dropout_seed(DEVICE), B, H, S, p)
