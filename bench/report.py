@@ -1,10 +1,11 @@
 """Turn benchmark result files into a markdown report (ratios of ours vs every baseline) and a PNG.
 
     python -m bench.report bench/results/2026-11-24_nvidia-h100-80gb-hbm3.json [more.json ...]
-        [--out DIR] [--summary] [--no-plot]
+        [--out DIR] [--summary] [--no-plot] [--readme README.md]
 
 For each X.json it writes X.md and X.png next to it (or into --out) and prints the markdown;
---summary prints only the short table (what `make gpu-check` shows last). Speed-up = baseline median
+--summary prints only the short table (what `make gpu-check` shows last); --readme puts a GPU run's
+summary into the README's latest-results section. Speed-up = baseline median
 time / our median time, so > 1 means ours is faster. "Ours" are the impls triton, cuda and ours;
 every other impl of the same op, dtype and shape is a baseline. Format: bench/results/README.md.
 """
@@ -186,12 +187,33 @@ def plot(doc, path: str) -> str:
     return f"wrote {path}"
 
 
+README_START, README_END = "<!-- latest-gpu-results -->", "<!-- /latest-gpu-results -->"
+
+
+def update_readme(doc, results_path: str, readme: str) -> None:
+    """Replace the README's section between README_START and README_END with this GPU run's
+    header and summary table (what issue 8 asks the README to show), naming the results file."""
+    if doc.get("device_type") != "cuda":
+        raise ValueError(f"{results_path}: not a GPU run (device_type {doc.get('device_type')!r})")
+    with open(readme) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} section to replace")
+    rel = os.path.relpath(results_path, os.path.dirname(os.path.abspath(readme)))
+    section = (f"{README_START}\nLatest GPU results (`{rel}`, full tables in the `.md` next to it):\n\n"
+               f"{header(doc)}\n\n{summary_table(doc)}\n{README_END}")
+    head, rest = text.split(README_START, 1)
+    with open(readme, "w") as f:
+        f.write(head + section + rest.split(README_END, 1)[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="result JSON files (bench/results/*.json)")
     ap.add_argument("--out", help="directory for the .md and .png (default: next to each file)")
     ap.add_argument("--summary", action="store_true", help="print only the short summary table")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    ap.add_argument("--readme", metavar="README", help="also put a GPU run's summary into README's latest-results section")
     args = ap.parse_args(argv)
     for path in args.files:
         doc = load(path)
@@ -210,6 +232,9 @@ def main(argv=None) -> int:
         else:
             print(md)
         print(status, file=sys.stderr)
+        if args.readme:
+            update_readme(doc, path, args.readme)
+            print(f"updated {args.readme}", file=sys.stderr)
     return 0
 
 

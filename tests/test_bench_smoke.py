@@ -184,6 +184,33 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     assert "1.50x" in summary and "### Every row" not in summary and "1 row(s) failed" in summary
 
 
+def test_report_puts_a_gpu_summary_into_the_readme(tmp_path):
+    path = tmp_path / "results" / "2026-11-24_nvidia-h100-80gb-hbm3.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(dict(CANNED, device_type="cuda")))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold text\n{report.README_END}\noutro\n")
+    assert report.main([str(path), "--summary", "--no-plot", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old text" not in text
+    assert "`results/2026-11-24_nvidia-h100-80gb-hbm3.json`" in text and "NVIDIA H100 80GB HBM3" in text
+    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in text
+    assert report.main([str(path), "--summary", "--no-plot", "--readme", str(readme)]) == 0
+    assert readme.read_text() == text  # replacing the section again changes nothing
+    cpu = tmp_path / "results" / "cpu.json"
+    cpu.write_text(json.dumps(dict(CANNED, device_type="cpu")))
+    with pytest.raises(ValueError, match="not a GPU run"):
+        report.main([str(cpu), "--no-plot", "--readme", str(readme)])
+    with pytest.raises(ValueError, match="no <!-- latest-gpu-results -->"):
+        report.update_readme(dict(CANNED, device_type="cuda"), str(path), str(path))
+
+
+def test_readme_has_the_latest_gpu_results_section():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert text.count(report.README_START) == 1 and text.count(report.README_END) == 1
+
+
 def test_report_rejects_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"rows": []}))
