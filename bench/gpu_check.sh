@@ -78,8 +78,9 @@ if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$(( $(nproc) > 12 ? 12 :
 # 1. the CUDA extension for this GPU's architecture only, in place (nothing installed), in the background
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 BUILD_T0=$(date +%s)
-( export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} \
-         MAX_JOBS=${MAX_JOBS:-4} FORCE_CUDA=1
+# CUDA_HOME: as given, else /usr/local/cuda when it exists, else torch finds nvcc on PATH
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+( export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} MAX_JOBS=${MAX_JOBS:-4} FORCE_CUDA=1
   timeout 300 "$PY" setup.py -q build_ext --inplace > "$LOGDIR/build.log" 2>&1; echo $? > "$TMPD/build.rc" ) &
 BUILD_PID=$!
 
