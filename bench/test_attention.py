@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, rel_diff
+from bench.harness import Case, input_set_count, rel_diff
 
 SECTION = cases.section("attention")
 FWD = [(m, s, b, i, lens) for m, s, b, i, lens in cases.expand(SECTION, "fwd")]
@@ -90,9 +90,8 @@ def test_attention_fwd(benchmark, recorder, device, case, dtype):
         fn = make_impl(impl, n, max(frames))
     except Exception as e:  # e.g. FlexAttention missing from this torch
         fn = functools.partial(_raise, e)
-    verify = functools.partial(verify_fwd, fn, *sets[0]) if impl in OUR_IMPLS else None
     with torch.no_grad():
-        recorder.run(benchmark, c, fn, sets, device, verify=verify)
+        recorder.run(benchmark, c, fn, sets, device, verify=functools.partial(verify_fwd, fn, *sets[0]))
 
 
 @pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
@@ -113,8 +112,7 @@ def test_attention_bwd(benchmark, recorder, device, case, dtype):
             return torch.autograd.grad(out, leaves, grad, retain_graph=True)
     except Exception as e:  # a backend that cannot run: its first timed call reports it
         graphs, fn = [(None, None, None)], functools.partial(_raise, e)
-    verify = functools.partial(verify_bwd, fwd, *sets[0]) if impl in OUR_IMPLS else None
-    recorder.run(benchmark, c, fn, graphs, device, verify=verify)
+    recorder.run(benchmark, c, fn, graphs, device, verify=functools.partial(verify_bwd, fwd, *sets[0]))
 
 
 def verify_fwd(fn, q, k, v, mask):

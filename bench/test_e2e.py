@@ -136,8 +136,7 @@ def test_e2e_inference(benchmark, recorder, device, case, dtype):
     try:
         impls = inference_models(model, dtype, device)
         fn = impls[impl]
-        if impl in ("ours", "hf_patched"):
-            verify = functools.partial(compare, fn, impls["hf_sdpa"], *sets[0], frames, dtype)
+        verify = functools.partial(compare, fn, impls["hf_sdpa"], *sets[0], frames, dtype)
     except Exception as e:
         fn = functools.partial(_raise, e)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, verify_real_frames
+from bench.harness import Case, input_set_count, verify_real_frames
 
 CASES = cases.expand(cases.section("feature_encoder"))
 
@@ -79,7 +79,6 @@ def test_feature_encoder_fwd(benchmark, recorder, device, case, dtype):
              flops=physics.feature_encoder_flops(lengths, *conv),
              nbytes=physics.feature_encoder_bytes(lengths, *conv, elem))
     fn = make_impl(impl, weights)
-    verify = functools.partial(verify_real_frames, fn, make_impl("torch", weights), sets[0], frames) \
-        if impl in OUR_IMPLS else None  # vs the eager (cuDNN) path
+    verify = functools.partial(verify_real_frames, fn, make_impl("torch", weights), sets[0], frames)  # vs eager
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, verify_real_frames
+from bench.harness import Case, input_set_count, verify_real_frames
 
 CASES = cases.expand(cases.section("first_conv_layer"))
 
@@ -46,21 +46,18 @@ def test_first_conv_layer_fwd(benchmark, recorder, device, case, dtype):
     model, seconds, batch, impl, lengths = case
     cfg = cases.MODELS[model]
     layer = make_layer(model, dtype, device)
+    c_out, k, stride = cfg["conv_dim"][0], cfg["conv_kernel"][0], cfg["conv_stride"][0]
     longest = max(lengths)
     valid = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    conv = ([cfg["conv_dim"][0]], [cfg["conv_kernel"][0]], [cfg["conv_stride"][0]])
-    frames = physics.conv_out_len(longest, conv[1][0], conv[2][0])
+    frames = [physics.conv_out_len(n, k, stride) for n in lengths]  # real output frames per utterance
     elem = torch.finfo(dtype).bits // 8
     sets = [(torch.randn(batch, longest, device=device, dtype=dtype) * valid,)
-            for _ in range(input_set_count(batch * frames * conv[0][0] * elem, device))]
-    c = Case("first_conv_layer_fwd", impl, dtype, f"{model} B{batch} L{longest} T{frames} C{conv[0][0]}",
+            for _ in range(input_set_count(batch * max(frames) * c_out * elem, device))]
+    c = Case("first_conv_layer_fwd", impl, dtype, f"{model} B{batch} L{longest} T{max(frames)} C{c_out}",
              dict(model=model, seconds=seconds, batch=batch, norm=cfg["feat_extract_norm"], samples=lengths),
-             flops=physics.feature_encoder_flops(lengths, *conv),
-             nbytes=physics.feature_encoder_bytes(lengths, *conv, elem))
+             flops=physics.feature_encoder_flops(lengths, [c_out], [k], [stride]),
+             nbytes=physics.feature_encoder_bytes(lengths, [c_out], [k], [stride], elem))
     fn = make_impl(impl, layer)
-    verify = None
-    if impl in OUR_IMPLS:  # vs eager over each utterance's real frames
-        out_frames = [physics.conv_out_len(n, conv[1][0], conv[2][0]) for n in lengths]
-        verify = functools.partial(verify_real_frames, fn, make_impl("torch", layer), sets[0], out_frames)
+    verify = functools.partial(verify_real_frames, fn, make_impl("torch", layer), sets[0], frames)  # vs eager
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import cases, physics
-from bench.harness import OUR_IMPLS, Case, input_set_count, verify_same
+from bench.harness import Case, input_set_count, verify_same
 
 SECTION = cases.section("pos_conv")
 FWD = cases.expand(SECTION, "fwd")
@@ -70,8 +70,7 @@ def setup_case(op, case, dtype, device, backward):
 @pytest.mark.parametrize("case", FWD, ids=_id)
 def test_pos_conv_fwd(benchmark, recorder, device, case, dtype):
     c, fn, sets = setup_case("pos_conv_fwd", case, dtype, device, backward=False)
-    ref = make_impl("torch", c.params["groups"])
-    verify = functools.partial(verify_same, fn, ref, sets[0]) if c.impl in OUR_IMPLS else None
+    verify = functools.partial(verify_same, fn, make_impl("torch", c.params["groups"]), sets[0])
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)
 
@@ -86,5 +85,4 @@ def test_pos_conv_fwd_bwd(benchmark, recorder, device, case, dtype):
 
     fn = functools.partial(grads, fwd)
     ref = functools.partial(grads, make_impl("torch", c.params["groups"]))
-    verify = functools.partial(verify_same, fn, ref, sets[0]) if c.impl in OUR_IMPLS else None
-    recorder.run(benchmark, c, fn, sets, device, verify=verify)
+    recorder.run(benchmark, c, fn, sets, device, verify=functools.partial(verify_same, fn, ref, sets[0]))

@@ -110,6 +110,14 @@ def test_harness_wrong_result_is_an_error_row_and_a_failure(benchmark):
     assert row["median_ms"] is not None and row["outputs_match"] is False and row["error"].startswith("wrong result")
 
 
+def test_harness_does_not_verify_baselines(benchmark):
+    rec = harness.Recorder(ROOT, None, 1)
+    rec.run(benchmark, _case("sdpa"), torch.mm, [(torch.randn(8, 8), torch.randn(8, 8))], torch.device("cpu"),
+            verify=lambda: {"rel_diff": 0.5, "vs": "torch"})
+    (row,) = rec.rows
+    assert row["error"] is None and "rel_diff" not in row
+
+
 def test_check_profile_covers_every_goal_shape():
     """gpu-check's profile measures what the issues' goals name: attention at S 250/500/1000/1500
     with H 16, D 64 against SDPA and FlexAttention (fwd and bwd), pos conv at T 500/1500 for both

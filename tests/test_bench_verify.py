@@ -2,12 +2,14 @@
 on CPU machines): inputs, the timed call, and the untimed check of our result against the baseline
 (bench/harness.py ``verify``), so a GPU run never spends its minutes on a broken benchmark. No
 timing claims: one round each."""
+import os
+
 import pytest
 import torch
 
 from bench import cases, harness, test_attention, test_feature_encoder, test_first_conv_layer, test_pos_conv
 
-ROOT = harness.os.path.dirname(harness.os.path.dirname(harness.os.path.abspath(harness.__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [1680, 1200]  # samples: 5 and 3 frames after the conv stack, 335 / 239 after layer 0
 TINY = dict(cases.CONV, conv_dim=[32] * 7, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=32)
