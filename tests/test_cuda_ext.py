@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from test_feature_encoder import DEVICE as FE_DEVICE, STRIDES as FE_STRIDES, _params as fe_params
 from tolerances import assert_error_within
 from unispeech_kernels import _cuda
 from unispeech_kernels.dispatch import BackendUnavailableError, Op, resolve_backend
@@ -68,15 +69,11 @@ def test_first_conv_layer_op_reports_extension_not_built():
     assert first_conv_layer_op.reasons(x, w, b, 5, "group", nw, nb)["cuda"] == "CUDA extension not built"
 
 
-def encoder_inputs(dtype, device, norm_mode, B=2, L=4000, C=64):
-    """A 7-layer UniSpeech-shaped conv stack with C channels (conv bias in layer mode)."""
-    kernels, strides = (10, 3, 3, 3, 3, 2, 2), [5, 2, 2, 2, 2, 2, 2]
-    g = dict(dtype=dtype, device=device)
-    ws = [torch.randn(C, 1 if i == 0 else C, k, **g) / (k * (1 if i == 0 else C)) ** 0.5 for i, k in enumerate(kernels)]
-    bs = [0.1 * torch.randn(C, **g) if norm_mode == "layer" else None for _ in kernels]
-    n = len(kernels) if norm_mode == "layer" else 1
-    gs, betas = [1 + 0.1 * torch.randn(C, **g) for _ in range(n)], [0.1 * torch.randn(C, **g) for _ in range(n)]
-    return torch.randn(B, L, **g), ws, bs, strides, norm_mode, gs, betas
+def encoder_inputs(dtype, norm_mode):
+    """feature_encoder arguments: test_feature_encoder's conv stack (conv bias in layer mode) on its
+    DEVICE (the GPU where there is one), 2 utterances of 1001 samples."""
+    ws, bs, gs, betas = fe_params(norm_mode, norm_mode == "layer", dtype)
+    return torch.randn(2, 1001, device=FE_DEVICE, dtype=dtype), ws, bs, list(FE_STRIDES), norm_mode, gs, betas
 
 
 def test_model_wide_cuda_choice_per_op():
@@ -90,7 +87,7 @@ def test_model_wide_cuda_choice_per_op():
 
 @pytest.mark.skipif(not NOT_BUILT, reason="the extension is built here")
 def test_feature_encoder_cuda_backend_reasons():
-    args = encoder_inputs(torch.float32, "cpu", "group")
+    args = encoder_inputs(torch.float32, "group")
     assert feature_encoder_op.reasons(*args)["cuda"] == "layer 0: CUDA extension not built"
     with pytest.raises(BackendUnavailableError, match="cuda: layer 0: CUDA extension not built"):
         feature_encoder(*args, backend="cuda")
@@ -235,7 +232,7 @@ def test_bindings_reject_bad_input_with_clear_errors():
 @pytest.mark.parametrize("norm_mode", ["group", "layer"])
 def test_feature_encoder_cuda_backend_matches_reference(dtype, norm_mode):
     """Layer 0 on the extension, layers 1..6 on Triton, against the fp64 reference."""
-    args = encoder_inputs(dtype, "cuda", norm_mode)
+    args = encoder_inputs(dtype, norm_mode)
     with torch.no_grad():
         out = feature_encoder(*args, backend="cuda")
         ref = feature_encoder_reference(*args, upcast=True)

@@ -177,11 +177,11 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
     return f"layer 0: {reason}" if reason else None
 
 
-@feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
-def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
-                           norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None,
-                           batch_invariant=False, trim_padding=False, first_layer=first_conv_layer_triton):
-    """trim_padding is a hint this backend does not take: it computes every frame."""
+def _kernel_stack(first_layer, input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
+                  norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False,
+                  trim_padding=False):
+    """Layer 0 through ``first_layer`` (Triton or CUDA), layers 1..N through conv_layer's Triton
+    GEMMs. trim_padding is a hint these backends do not take: they compute every frame."""
     x = first_layer(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
                     norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
                     batch_invariant=batch_invariant)
@@ -189,6 +189,11 @@ def feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides
         norm = ("layer", norm_weights[i], norm_biases[i]) if norm_mode == "layer" else ("none", None, None)
         x = conv_layer(x, conv_weights[i], conv_biases[i], conv_strides[i], *norm, eps=eps)
     return x
+
+
+@feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
+def feature_encoder_triton(*args, **kwargs):
+    return _kernel_stack(first_conv_layer_triton, *args, **kwargs)
 
 
 def feature_encoder_cuda_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
@@ -206,12 +211,10 @@ def feature_encoder_cuda_check(input_values, conv_weights, conv_biases, conv_str
 
 
 @feature_encoder_op.register("cuda", check=feature_encoder_cuda_check, auto=False)
-def feature_encoder_cuda(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
-                         norm_biases, **kwargs):
+def feature_encoder_cuda(*args, **kwargs):
     """Layer 0 on the CUDA extension (forward only), layers 1..N on the Triton kernels. Opt-in
     until a GPU benchmark shows the CUDA first layer faster than Triton's (bench first_conv_layer_fwd)."""
-    return feature_encoder_triton(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                                  norm_weights, norm_biases, **kwargs, first_layer=first_conv_layer_cuda)
+    return _kernel_stack(first_conv_layer_cuda, *args, **kwargs)
 
 
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
