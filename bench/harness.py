@@ -20,6 +20,7 @@ How a case is timed (pytest-benchmark is the timer and the single source of the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import platform
@@ -105,6 +106,7 @@ def device_info(root: str) -> dict:
     return info
 
 
+@functools.lru_cache(None)  # once per process: every Recorder of a session shares it
 def measure_ceilings(device: torch.device, reps: int = 10) -> dict:
     """This run's own ceilings (a few seconds): an 8192^3 bf16 matmul on random data (TFLOP/s) and a
     1 GiB device-to-device copy counting bytes read + written (TB/s), each the mean of ``reps`` after
