@@ -10,7 +10,8 @@ Hot spots: ``unispeech_kernels.pos_conv_embed`` (conv + activation + residual in
 
 Padded batches run unpadded: after the positional conv the real frames are packed into rows
 [N, E] (``FramePacking``), so projections, feed-forward and norms do only real work; attention
-scatters q/k/v back to [B, T, H, D] for the masked op. Real frames are computed exactly as in
+scatters q/k/v back to [B, T, H, D] for the masked op, except "sdpa", which runs SDPA per utterance
+on the packed rows (lengths read on the host once per forward, not per layer). Real frames are computed exactly as in
 transformers; frames past an utterance's length are zero in the layer outputs (transformers leaves
 values there that depend on the padding and that nothing real attends to).
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
+from unispeech_kernels.ops.attention import attention_packed
 from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 from .feature_encoder import kernel_backend
@@ -78,6 +80,14 @@ class FramePacking:
         # packing needs the real-frame count on the host: under torch.compile keep the padded layout
         packed = mask is not None and not torch.compiler.is_compiling()
         self.index = mask.reshape(-1).nonzero().squeeze(1) if packed else None  # [N]
+        # host lengths when the mask is a prefix mask (audio padding): rows of utterance b are then
+        # the next lengths[b] packed rows, which lets attention run on them directly. One host sync.
+        self.lengths: Optional[List[int]] = None
+        if packed:
+            lengths = mask.sum(1)
+            prefix = (mask == (torch.arange(frames, device=mask.device) < lengths[:, None])).all()
+            *lengths, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
+            self.lengths = lengths if prefix else None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.frames, *x.shape[2:])
@@ -109,15 +119,19 @@ class UniSpeechAttention(nn.Module):
         # rebuilt per call (a few MB) rather than cached next to the weights it duplicates
         projs = (self.q_proj, self.k_proj, self.v_proj)
         qkv = nn.functional.linear(hidden, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
-        qkv = frames.unpack(qkv).view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # [B, T, H, D] views
-        mask = frames.mask
         p = self.dropout if self.training else 0.0
         impl = self.config.attn_implementation
         if output_attentions and impl != "eager":
             warnings.warn(f"attn_implementation={impl!r} returns no attention weights: this call runs the "
                           "eager attention for output_attentions=True", stacklevel=2)
             impl = "eager"
+        if impl == "sdpa" and frames.lengths is not None:  # SDPA per utterance on the packed rows
+            q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, D] views
+            out = attention_packed(q, k, v, frames.lengths, dropout_p=p, softmax_scale=self.scaling)
+            return self.out_proj(out.reshape(out.shape[0], -1)), None
+        qkv = frames.unpack(qkv).view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # [B, T, H, D] views
+        mask = frames.mask
         weights = None
         if impl == "eager":
             out, weights = self._eager(q, k, v, mask, p)

@@ -291,6 +291,26 @@ def _torch_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale
     return None  # runs everything that passed check_attention_inputs
 
 
+def _sdpa_rows(q, k, v, dropout_p, softmax_scale):
+    """SDPA of one unmasked sequence: q, k, v [n, H, D] (any strides) -> [n, H, D]."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)[0].transpose(0, 1)
+
+
+def attention_packed(q, k, v, lengths, *, dropout_p: float = 0.0, softmax_scale: Optional[float] = None):
+    """Attention of sequences stored back to back, with torch SDPA per sequence (no mask, no padded
+    work, no host sync): q, k, v [N, H, D] rows (any strides), ``lengths`` the host ints summing to N,
+    zeros allowed -> [N, H, D]. The model's packed real frames use it with the lengths it knows."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [N, H, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
+        raise ValueError(f"lengths {list(lengths)} must be >= 0 and sum to the {q.shape[0]} rows")
+    parts = [_sdpa_rows(*t, dropout_p, softmax_scale) if n else t[0]
+             for n, *t in zip(lengths, q.split(lengths), k.split(lengths), v.split(lengths))]
+    return torch.cat(parts) if parts else q.clone()
+
+
 @attention_op.register("torch", check=_torch_check)
 def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
     """torch SDPA. A prefix mask (audio padding) runs SDPA per sequence on its real frames, with no
@@ -303,9 +323,7 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
             out = torch.zeros_like(q)
             for b, n in enumerate(lengths.tolist()):
                 if n:
-                    qb, kb, vb = (t[b:b + 1, :n].transpose(1, 2) for t in (q, k, v))  # [1, H, n, D]
-                    out[b:b + 1, :n] = F.scaled_dot_product_attention(
-                        qb, kb, vb, dropout_p=dropout_p, scale=softmax_scale).transpose(1, 2)
+                    out[b, :n] = _sdpa_rows(q[b, :n], k[b, :n], v[b, :n], dropout_p, softmax_scale)
             return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     mask = None
