@@ -1,12 +1,14 @@
 """Triton masked attention (forward + backward) against the fp64 reference, dropout, dispatch,
 torch.compile. Shapes [B, S, H, D]; the kernels run through TRITON_INTERPRET=1 on CPU machines."""
+import re
+
 import pytest
 import torch
 
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError
-from unispeech_kernels.ops.attention import (aot_specs, attention, attention_op, attention_packed,
-                                             attention_reference, draw_dropout_seed, kv_end_from_mask)
+from unispeech_kernels.ops.attention import (aot_specs, attention, attention_op, attention_reference,
+                                             draw_dropout_seed, kv_end_from_mask)
 from unispeech_kernels.ops.attention_bwd import dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,27 +115,6 @@ def test_torch_backend_real_rows_and_grads(prefix):
     for name, a, b in zip("qkv", got, want):  # the reference's empty row (2) has NaN gradients
         torch.testing.assert_close(a[:2], b[:2], atol=1e-5, rtol=1e-5, msg=name)
         assert (a[2] == 0).all(), name
-
-
-def test_attention_packed_equals_masked_attention():
-    """Packed rows (the model's real frames, as views of one [N, 3, H, D] projection) give the masked
-    attention's real rows and gradients; a zero length and bad lengths are handled."""
-    lengths = [23, 0, 9]
-    mask = _prefix_mask(lengths, 23)
-    qkv = torch.randn(sum(lengths), 3, 2, 16, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    out = attention_packed(*qkv.unbind(1), lengths, softmax_scale=0.3)
-    padded = qkv.new_zeros(3, 23, 3, 2, 16).masked_scatter(mask[:, :, None, None, None], qkv)
-    ref = attention_reference(*padded.unbind(2), mask, softmax_scale=0.3)[mask]  # [N, H, D]
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    grad = torch.randn_like(out)
-    got, = torch.autograd.grad(out, qkv, grad)
-    want, = torch.autograd.grad(ref, qkv, grad)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-    assert attention_packed(*qkv[:0].unbind(1), []).shape == (0, 2, 16)
-    with pytest.raises(ValueError, match="sum to the 32 rows"):
-        attention_packed(*qkv.unbind(1), [23, 8])
-    with pytest.raises(ValueError, match=r"\[N, H, D\]"):
-        attention_packed(qkv, qkv, qkv, lengths)
 
 
 def test_kv_end_from_mask():
@@ -260,8 +241,9 @@ def test_aot_specs_cover_model_shapes():
     specs = aot_specs()
     names = {s["name"] for s in specs}
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
-        for dropout in ("", "_dropout"):  # UniSpeech shapes: head_dim 64, bf16
-            assert any(n.startswith(f"attn_{kernel}_bf16_d64_") and n.endswith(dropout) for n in names), kernel
+        for variant in ("", "_dropout", "_packed", "_dropout_packed"):  # UniSpeech shapes: head_dim 64, bf16
+            pattern = rf"attn_{kernel}_bf16_d64_m\d+_n\d+_w\d+_s\d+{variant}"
+            assert any(re.fullmatch(pattern, n) for n in names), (kernel, variant)
     for s in specs:
         assert set(s["signature"]) == set(s["fn"].arg_names)
         assert all(s["signature"][c] == "constexpr" for c in s["constexprs"])

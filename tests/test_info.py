@@ -9,7 +9,7 @@ from unispeech_kernels import info
 from unispeech_kernels.dispatch import BACKEND_NAMES, Op
 
 SECTIONS = ("== versions", "== device", "== CUDA extension (unispeech_kernels._C)", "== ops: backend for")
-OPS = ("attention", "feature_encoder", "first_conv_layer", "pos_conv")
+OPS = ("attention", "attention_packed", "feature_encoder", "first_conv_layer", "pos_conv")
 
 
 def test_info_module_runs_and_prints_sections():

@@ -10,8 +10,9 @@ Hot spots: ``unispeech_kernels.pos_conv_embed`` (conv + activation + residual in
 
 Padded batches run unpadded: after the positional conv the real frames are packed into rows
 [N, E] (``FramePacking``), so projections, feed-forward and norms do only real work; attention
-scatters q/k/v back to [B, T, H, D] for the masked op, except "sdpa", which runs SDPA per utterance
-on the packed rows (lengths read on the host once per forward, not per layer). Real frames are computed exactly as in
+runs on the packed rows themselves (``unispeech_kernels.attention_packed``, lengths read on the host
+once per forward) when the mask is a prefix mask, as audio padding always is; the eager path, and
+any other mask, scatter q/k/v back to [B, T, H, D] for the masked op. Real frames are computed exactly as in
 transformers; frames past an utterance's length are zero in the layer outputs (transformers leaves
 values there that depend on the padding and that nothing real attends to).
 """
@@ -26,7 +27,6 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
-from unispeech_kernels.ops.attention import attention_packed
 from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 from .feature_encoder import kernel_backend
@@ -125,9 +125,11 @@ class UniSpeechAttention(nn.Module):
             warnings.warn(f"attn_implementation={impl!r} returns no attention weights: this call runs the "
                           "eager attention for output_attentions=True", stacklevel=2)
             impl = "eager"
-        if impl == "sdpa" and frames.lengths is not None:  # SDPA per utterance on the packed rows
+        backend = "torch" if impl == "sdpa" else None
+        if impl != "eager" and frames.lengths is not None:  # attention on the packed rows themselves
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, D] views
-            out = attention_packed(q, k, v, frames.lengths, dropout_p=p, softmax_scale=self.scaling)
+            out = unispeech_kernels.attention_packed(q, k, v, frames.lengths, dropout_p=p,
+                                                     softmax_scale=self.scaling, backend=backend)
             return self.out_proj(out.reshape(out.shape[0], -1)), None
         qkv = frames.unpack(qkv).view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # [B, T, H, D] views
@@ -137,7 +139,7 @@ class UniSpeechAttention(nn.Module):
             out, weights = self._eager(q, k, v, mask, p)
         else:
             out = unispeech_kernels.attention(q, k, v, mask, dropout_p=p, softmax_scale=self.scaling,
-                                              backend="torch" if impl == "sdpa" else None)
+                                              backend=backend)
         return self.out_proj(frames.pack(out.reshape(frames.batch, frames.frames, -1))), weights
 
     def _eager(self, q, k, v, mask, p):

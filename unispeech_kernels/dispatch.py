@@ -8,7 +8,8 @@ forced backend (argument or environment variable) that cannot run the input rais
 the reasons of the last selection are kept (``Op.last_reasons``) and logged at debug level.
 
 Environment override: ``UNISPEECH_KERNELS_BACKEND=triton`` forces every op;
-``UNISPEECH_KERNELS_BACKEND=attention=torch,pos_conv=triton`` forces single ops.
+``UNISPEECH_KERNELS_BACKEND=attention=torch,pos_conv=triton`` forces single ops (an op's variant, such
+as attention_packed, obeys its op's name too).
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class Backend:
     auto: bool = True  # False: only runs when forced (e.g. not yet measured faster than the next one)
 
 
-def env_override(op_name: str) -> Optional[str]:
-    """The backend forced for ``op_name`` by the environment variable, if any."""
+def env_override(op_name: str, alias: Optional[str] = None) -> Optional[str]:
+    """The backend forced for ``op_name`` (or its ``alias``) by the environment variable, if any."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
@@ -47,7 +48,7 @@ def env_override(op_name: str) -> Optional[str]:
         part = part.strip()
         if "=" in part:
             op, name = (s.strip() for s in part.split("=", 1))
-            if op == op_name:
+            if op in (op_name, alias):
                 forced = name
         elif part:
             forced = part
@@ -74,8 +75,9 @@ def resolve_backend(op_name: str, requested: Optional[str]) -> Optional[str]:
 class Op:
     """Registry of the backends of one op, in preference order cuda > triton > torch."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, env_alias: Optional[str] = None):
         self.name = name
+        self.env_alias = env_alias  # a variant of another op also obeys that op's override
         self.backends: dict[str, Backend] = {}
         self.last_reasons: dict[str, Optional[str]] = {}
         OPS[name] = self
@@ -103,7 +105,7 @@ class Op:
     def select(self, backend: Optional[str], *args, **kwargs) -> Backend:
         if backend is not None and backend not in BACKEND_NAMES:
             raise ValueError(f"{self.name}: unknown backend {backend!r}; valid: {BACKEND_NAMES} or None")
-        forced = backend or env_override(self.name)
+        forced = backend or env_override(self.name, self.env_alias)
         reasons = self.reasons(*args, **kwargs)
         self.last_reasons = reasons
         if forced is not None:

@@ -58,7 +58,15 @@ def _example_attention(device, dtype):
     return (q, k, v, mask), dict(dropout_p=0.0, softmax_scale=None)
 
 
-EXAMPLES = {"attention": _example_attention, "feature_encoder": _example_feature_encoder,
+def _example_attention_packed(device, dtype):
+    e = dict(device=device, dtype=dtype)
+    lengths = [FRAMES, FRAMES // 2]
+    q, k, v = (torch.empty(sum(lengths), HEADS, HIDDEN // HEADS, **e) for _ in range(3))
+    return (q, k, v, lengths), dict(dropout_p=0.0, softmax_scale=None)
+
+
+EXAMPLES = {"attention": _example_attention, "attention_packed": _example_attention_packed,
+            "feature_encoder": _example_feature_encoder,
             "first_conv_layer": _example_first_conv_layer, "pos_conv": _example_pos_conv}
 
 
@@ -140,7 +148,7 @@ def report() -> str:
         lines.append(f"UNISPEECH_KERNELS_BACKEND={forced}")
     for op in discover_ops():
         chosen, reasons = backend_report(op, device, dtype)
-        override = env_override(op.name)
+        override = env_override(op.name, op.env_alias)
         lines.append(f"{op.name:<18} -> {chosen or 'NONE'}" + (f" (forced: {override})" if override else ""))
         for name in BACKEND_NAMES:
             if name != chosen:

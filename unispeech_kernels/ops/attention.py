@@ -18,6 +18,7 @@ backends -> functional entry point -> ``aot_specs``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -30,7 +31,8 @@ from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reas
 from ..dispatch import Op
 from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_BLOCK, SM90_SMEM, _attn_bwd_dkdv_kernel,
                             _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
-                            _dropout_mask_kernel, _head_dim_mask, attn_bwd, dot_precision, prune_by_budget, strides)
+                            _dropout_mask_kernel, _head_dim_mask, _sequence_extent, attn_bwd, dot_precision,
+                            prune_by_budget, strides)
 
 MAX_HEAD_DIM = 256
 
@@ -56,23 +58,35 @@ def attention_reference(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softma
     return out if upcast else out.to(dtype)
 
 
-def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
-    """Raise a clear error for anything no backend should be asked to compute."""
+def check_qkv(q, k, v, layout: str, op: str = "attention"):
+    """q, k, v tensors of one floating dtype, shape and device, of the rank ``layout`` names."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != layout.count(",") + 1:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise TypeError(f"attention: {name} must be floating point, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"{op}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"attention: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+        raise ValueError(f"{op}: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+
+
+def check_dropout_and_scale(dropout_p, softmax_scale, op: str = "attention"):
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"{op}: softmax_scale must be positive, got {softmax_scale}")
+
+
+def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    """Raise a clear error for anything no backend should be asked to compute."""
+    check_qkv(q, k, v, "[batch, seq, heads, head_dim]")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("attention: key_padding_mask must be a bool tensor (True = real frame), got "
@@ -82,10 +96,7 @@ def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
                              f"{(q.shape[0], q.shape[1])}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"attention: key_padding_mask on {key_padding_mask.device}, q on {q.device}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"attention: softmax_scale must be positive, got {softmax_scale}")
+    check_dropout_and_scale(dropout_p, softmax_scale)
 
 
 
@@ -95,9 +106,10 @@ def _attn_fwd_kernel(
     Out,  # [B, S, H, D] contiguous out; padded query rows get zeros
     Lse,  # [B, H, S] fp32 out: log2-sum-exp2 of the scaled scores per row, +inf on padded rows
     Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
-    KvEnd,  # [B] int32 last real position + 1 (the loop bound); unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1 (the loop bound; packed: the length); unused unless HAS_MASK or PACKED
+    SeqStart,  # [B] int32 packed row where sequence b starts; unused unless PACKED
     Seed,  # [1] int64 dropout seed on the device; unused unless HAS_DROPOUT
-    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q (packed: batch stride 0)
     stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
     stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
     stride_ob, stride_os, stride_oh, stride_od,  # strides of Out
@@ -111,6 +123,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
     HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    PACKED: tl.constexpr,  # sequences back to back in [N, H, D] rows (SeqStart, lengths in KvEnd)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
     UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
@@ -123,18 +136,17 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
-    if HAS_MASK:
-        kv_end = tl.load(KvEnd + b)
-    else:
-        kv_end = S
-    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od
+    kv_end, n_rows, row0 = _sequence_extent(KvEnd, SeqStart, b, S, HAS_MASK, PACKED)
+    o_rows = Out + b * stride_ob + h * stride_oh + row0 * stride_os  # row 0 of this sequence and head
     lse_ptrs = Lse + bh.to(tl.int64) * S + rows
     if start_m >= kv_end:  # the whole query block is padding: zeros, no work
-        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty), mask=(rows[:, None] < S) & d_ok)
+        o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok)
         tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=rows < S)
         return
     row_ok = rows < kv_end
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q_rows = Q + b * stride_qb + h * stride_qh + row0 * stride_qs  # row 0 of this sequence and head
+    q = tl.load(q_rows + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -143,8 +155,8 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    k_base = K + b * stride_kb + h * stride_kh + row0 * stride_ks + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + row0 * stride_vs + offs_d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -174,15 +186,17 @@ def _attn_fwd_kernel(
     row_ok = row_ok & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < S) & d_ok)
+    o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od  # after the loop: not live in it
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok)
     tl.store(lse_ptrs, tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf")), mask=rows < S)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100-oriented, pruned per head_dim / device / length
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100-oriented, pruned per head_dim / device / length.
+# Not kept (AOT, head_dim 64 bf16): (128, 128, 8, 2) and (64, 64, 4, 3) sit at 255 registers and
+# spill on sm_80 in some variants (packed rows, dropout).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 4),
-                         (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 2), (32, 32, 4, 2)]
 ]
 
 
@@ -193,7 +207,7 @@ def _fwd_prune(configs, named_args, **kwargs):
                            max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
 
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"],
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"],
                              prune_configs_by={"early_config_prune": _fwd_prune})(_attn_fwd_kernel)
 
 
@@ -208,17 +222,22 @@ def draw_dropout_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float):
-    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain)."""
-    B, S, H, D = q.shape
-    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float, seq_start=None,
+             max_len: int = 0):
+    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). Packed
+    (``seq_start`` [B] int32 first rows, ``kv_end`` the lengths): q, k, v and out are [N, H, D] rows
+    and S = ``max_len``."""
+    packed = seq_start is not None
+    (B, S), (H, D) = ((seq_start.numel(), max_len) if packed else q.shape[:2]), q.shape[-2:]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     has_mask = mask_u8 is not None
-    args = (q, k, v, out, lse, mask_u8 if has_mask else lse, kv_end if has_mask else lse, seed,
+    args = (q, k, v, out, lse, mask_u8 if has_mask else lse, kv_end if kv_end is not None else lse,
+            seq_start if packed else lse, seed,
             *strides(q), *strides(k), *strides(v), *strides(out),
             *(strides(mask_u8) if has_mask else (0, 0)),
             H, S, softmax_scale * 1.4426950408889634, float(dropout_p), triton.next_power_of_2(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask,
+    flags = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask, PACKED=packed,
                  HAS_DROPOUT=dropout_p > 0.0, UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
     if interpret_mode():
         grid = (triton.cdiv(S, INTERPRET_BLOCK), B * H)
@@ -291,24 +310,10 @@ def _torch_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale
     return None  # runs everything that passed check_attention_inputs
 
 
-def _sdpa_rows(q, k, v, dropout_p, softmax_scale):
+def sdpa_rows(q, k, v, dropout_p, softmax_scale):
     """SDPA of one unmasked sequence: q, k, v [n, H, D] (any strides) -> [n, H, D]."""
     q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)[0].transpose(0, 1)
-
-
-def attention_packed(q, k, v, lengths, *, dropout_p: float = 0.0, softmax_scale: Optional[float] = None):
-    """Attention of sequences stored back to back, with torch SDPA per sequence (no mask, no padded
-    work, no host sync): q, k, v [N, H, D] rows (any strides), ``lengths`` the host ints summing to N,
-    zeros allowed -> [N, H, D]. The model's packed real frames use it with the lengths it knows."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must be [N, H, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
-        raise ValueError(f"lengths {list(lengths)} must be >= 0 and sum to the {q.shape[0]} rows")
-    parts = [_sdpa_rows(*t, dropout_p, softmax_scale) if n else t[0]
-             for n, *t in zip(lengths, q.split(lengths), k.split(lengths), v.split(lengths))]
-    return torch.cat(parts) if parts else q.clone()
 
 
 @attention_op.register("torch", check=_torch_check)
@@ -323,7 +328,7 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
             out = torch.zeros_like(q)
             for b, n in enumerate(lengths.tolist()):
                 if n:
-                    out[b, :n] = _sdpa_rows(q[b, :n], k[b, :n], v[b, :n], dropout_p, softmax_scale)
+                    out[b, :n] = sdpa_rows(q[b, :n], k[b, :n], v[b, :n], dropout_p, softmax_scale)
             return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     mask = None
@@ -341,19 +346,25 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
-    reason = triton_device_reason(q, k, v, key_padding_mask)
+def triton_attention_reason(tensors, dtype, head_dim: int, batch_heads: int, seq: int) -> Optional[str]:
+    """Why the Triton kernels cannot run (None if they can): device, dtype, head_dim, grid size."""
+    reason = triton_device_reason(*tensors)
     if reason:
         return reason
-    if q.dtype not in _TRITON_DTYPES:
-        return f"dtype {q.dtype} not in {_TRITON_DTYPES}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if q.shape[0] * q.shape[2] > 65535:
-        return f"batch*heads {q.shape[0] * q.shape[2]} > 65535 (grid axis limit)"
-    if q.shape[1] == 0:
+    if dtype not in _TRITON_DTYPES:
+        return f"dtype {dtype} not in {_TRITON_DTYPES}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+    if batch_heads > 65535:
+        return f"batch*heads {batch_heads} > 65535 (grid axis limit)"
+    if seq == 0:
         return "empty sequence axis"
     return None
+
+
+def _triton_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
+    B, S, H, D = q.shape
+    return triton_attention_reason((q, k, v, key_padding_mask), q.dtype, D, B * H, S)
 
 
 @attention_op.register("triton", check=_triton_check)
@@ -375,7 +386,8 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropo
 _AOT_DTYPES = {torch.bfloat16: "bf16"}
 _AOT_HEAD_DIMS = (64,)
 _AOT_SEQ = 1024  # bucketed length of UniSpeech's 10-20 s utterances (499-999 frames)
-_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Keep": "*u8", "KvEnd": "*i32", "Seed": "*i64"}
+_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Keep": "*u8", "KvEnd": "*i32", "SeqStart": "*i32",
+                  "Seed": "*i64"}
 _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
 _INT_ARGS = ("H", "S", "S_BUCKET")
 
@@ -410,7 +422,7 @@ def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
 
 def aot_specs():
     """Every kernel config shipped for UniSpeech shapes (B 8, H 16, D 64, bf16), as an sm_90 device
-    keeps after pruning (with a padding mask, with and without dropout), for ahead-of-time compile
+    keeps after pruning (padded with a mask and packed rows, with and without dropout), for ahead-of-time compile
     checks. Other head dims and fp16 are covered by the interpreter tests, not compiled here."""
     specs = []
     tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1, 1),
@@ -420,17 +432,20 @@ def aot_specs():
         for d in _AOT_HEAD_DIMS:
             block_d = max(16, triton.next_power_of_2(d))
             for kname, fn, configs, resident, n_acc, n_score in tuned:
-                for dropout in ((False, True) if d == 64 and elem == "bf16" else (False,)):
+                # padded batches with a mask (transformers' models) and packed rows (ours)
+                for dropout, packed in itertools.product((False, True), (False, True)):
                     kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
                                            block_d=block_d, elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
                                            max_smem=SM90_SMEM, dropout=dropout)
                     for c in kept:
-                        flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=True, HAS_DROPOUT=dropout,
-                                     UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
+                        flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=not packed, PACKED=packed,
+                                     HAS_DROPOUT=dropout, UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
-                              f"_w{c.num_warps}_s{c.num_stages}{'_dropout' if dropout else ''}"
+                              f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + "_packed" * packed
                         specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
-            specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}", _attn_bwd_preprocess_kernel, elem,
-                                   dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d), 4, 1, False))
+            for packed in (False, True):
+                specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}{'_packed' if packed else ''}",
+                                       _attn_bwd_preprocess_kernel, elem,
+                                       dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d, PACKED=packed), 4, 1, False))
     specs.append(_aot_spec("attn_dropout_mask", _dropout_mask_kernel, "u8", dict(BLOCK=64), 4, 1, False))
     return specs

@@ -41,6 +41,25 @@ def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _sequence_extent(KvEnd, SeqStart, b, S, HAS_MASK: tl.constexpr, PACKED: tl.constexpr):
+    """(kv_end, n_rows, row0) of sequence ``b``: the loop bound over keys (last real position + 1),
+    the rows it owns in the tensors (S padded, its length packed), and the row where it starts
+    (0 padded; SeqStart[b] packed, where every batch stride is 0)."""
+    if PACKED:
+        kv_end = tl.load(KvEnd + b)
+        n_rows = kv_end
+        row0 = tl.load(SeqStart + b).to(tl.int64)
+    else:
+        if HAS_MASK:
+            kv_end = tl.load(KvEnd + b)
+        else:
+            kv_end = S
+        n_rows = S
+        row0 = 0
+    return kv_end, n_rows, row0
+
+
+@triton.jit
 def _dropout_mask_kernel(
     Keep,  # [B*H, S, S] uint8 out: 1 where the kernels keep the probability
     Seed,  # [1] int64 dropout seed (device)
@@ -69,22 +88,27 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, drop
 def _attn_bwd_preprocess_kernel(
     Out, DOut,  # [B, S, H, D] forward output and its gradient
     Delta,  # [B, H, S] fp32 out: rowsum(dout * out)
-    stride_ob, stride_os, stride_oh, stride_od,  # strides of Out
+    KvEnd, SeqStart,  # [B] int32 lengths and first packed rows; unused unless PACKED
+    stride_ob, stride_os, stride_oh, stride_od,  # strides of Out (packed: batch stride 0)
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
     H, S,  # heads, sequence length
     HEAD_DIM: tl.constexpr,  # real head_dim
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM)
+    PACKED: tl.constexpr,  # sequences back to back in [N, H, D] rows
 ):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    _, n_rows, row0 = _sequence_extent(KvEnd, SeqStart, b, S, False, PACKED)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
+    ok = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    o_rows = Out + b * stride_ob + h * stride_oh + row0 * stride_os  # row 0 of this sequence and head
+    o = tl.load(o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od,
                 mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+    g_rows = DOut + b * stride_gb + h * stride_gh + row0 * stride_gs  # row 0 of this sequence and head
+    do = tl.load(g_rows + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
                  mask=ok, other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * S + rows, tl.sum(o * do, axis=1), mask=rows < S)
 
@@ -95,9 +119,10 @@ def _attn_bwd_dkdv_kernel(
     DK, DV,  # [B, S, H, D] contiguous out
     Lse, Delta,  # [B, H, S] fp32: forward log2-sum-exp2 (+inf on padded rows), rowsum(dout * out)
     Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
-    KvEnd,  # [B] int32 last real position + 1; unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1 (packed: the length); unused unless HAS_MASK or PACKED
+    SeqStart,  # [B] int32 packed row where sequence b starts; unused unless PACKED
     Seed,  # [1] int64 dropout seed; unused unless HAS_DROPOUT
-    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q (packed: batch stride 0)
     stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
     stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
@@ -113,6 +138,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # keys per program
     HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    PACKED: tl.constexpr,  # sequences back to back in [N, H, D] rows (SeqStart, lengths in KvEnd)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
     UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
@@ -125,21 +151,21 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
-    if HAS_MASK:
-        kv_end = tl.load(KvEnd + b)
-    else:
-        kv_end = S
-    x_off = b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xs + offs_d[None, :] * stride_xd
-    store_ok = (offs_n[:, None] < S) & d_ok
+    kv_end, n_rows, row0 = _sequence_extent(KvEnd, SeqStart, b, S, HAS_MASK, PACKED)
+    x_rows = b * stride_xb + h * stride_xh + row0 * stride_xs  # element offsets built at the stores
+    store_ok = (offs_n[:, None] < n_rows) & d_ok
     if start_n >= kv_end:  # padded keys: zero gradient, no work
+        x_off = x_rows + offs_n[:, None] * stride_xs + offs_d[None, :] * stride_xd
         zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
         tl.store(DK + x_off, zero, mask=store_ok)
         tl.store(DV + x_off, zero, mask=store_ok)
         return
     load_ok = (offs_n[:, None] < kv_end) & d_ok
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+    k_rows = K + b * stride_kb + h * stride_kh + row0 * stride_ks  # row 0 of this sequence and head
+    k = tl.load(k_rows + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=load_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+    v_rows = V + b * stride_vb + h * stride_vh + row0 * stride_vs  # row 0 of this sequence and head
+    v = tl.load(v_rows + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=load_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -150,8 +176,8 @@ def _attn_bwd_dkdv_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
-    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
-    g_base = DOut + b * stride_gb + h * stride_gh + offs_d[None, :] * stride_gd
+    q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qs + offs_d[None, :] * stride_qd
+    g_base = DOut + b * stride_gb + h * stride_gh + row0 * stride_gs + offs_d[None, :] * stride_gd
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, kv_end, BLOCK_M):  # query rows past kv_end are padded: skipped
@@ -176,6 +202,7 @@ def _attn_bwd_dkdv_kernel(
         dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    x_off = x_rows + offs_n[:, None] * stride_xs + offs_d[None, :] * stride_xd  # after the loop: not live in it
     tl.store(DK + x_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + x_off, dv.to(DV.dtype.element_ty), mask=store_ok)
 
@@ -186,9 +213,10 @@ def _attn_bwd_dq_kernel(
     DQ,  # [B, S, H, D] contiguous out
     Lse, Delta,  # [B, H, S] fp32: forward log2-sum-exp2 (+inf on padded rows), rowsum(dout * out)
     Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
-    KvEnd,  # [B] int32 last real position + 1; unused unless HAS_MASK
+    KvEnd,  # [B] int32 last real position + 1 (packed: the length); unused unless HAS_MASK or PACKED
+    SeqStart,  # [B] int32 packed row where sequence b starts; unused unless PACKED
     Seed,  # [1] int64 dropout seed; unused unless HAS_DROPOUT
-    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q
+    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q (packed: batch stride 0)
     stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
     stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
     stride_gb, stride_gs, stride_gh, stride_gd,  # strides of DOut
@@ -204,6 +232,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
     HAS_MASK: tl.constexpr,  # a key-padding mask is given
+    PACKED: tl.constexpr,  # sequences back to back in [N, H, D] rows (SeqStart, lengths in KvEnd)
     HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
     UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
@@ -216,19 +245,19 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
-    if HAS_MASK:
-        kv_end = tl.load(KvEnd + b)
-    else:
-        kv_end = S
-    x_off = b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd
-    store_ok = (rows[:, None] < S) & d_ok
+    kv_end, n_rows, row0 = _sequence_extent(KvEnd, SeqStart, b, S, HAS_MASK, PACKED)
+    x_rows = b * stride_xb + h * stride_xh + row0 * stride_xs  # element offsets built at the stores
+    store_ok = (rows[:, None] < n_rows) & d_ok
     if start_m >= kv_end:  # padded query rows: zero gradient, no work
+        x_off = x_rows + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd
         tl.store(DQ + x_off, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=store_ok)
         return
     row_ok = rows < kv_end
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q_rows = Q + b * stride_qb + h * stride_qh + row0 * stride_qs  # row 0 of this sequence and head
+    q = tl.load(q_rows + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
+    g_rows = DOut + b * stride_gb + h * stride_gh + row0 * stride_gs  # row 0 of this sequence and head
+    do = tl.load(g_rows + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd,
                  mask=row_ok[:, None] & d_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -238,8 +267,8 @@ def _attn_bwd_dq_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :] * stride_vd
+    k_base = K + b * stride_kb + h * stride_kh + row0 * stride_ks + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + row0 * stride_vs + offs_d[None, :] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, kv_end, BLOCK_N):  # key blocks past kv_end are skipped
         cols = start_n + offs_n
@@ -259,13 +288,14 @@ def _attn_bwd_dq_kernel(
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    x_off = x_rows + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd  # after the loop: not live in it
     tl.store(DQ + x_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_ok)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV: BLOCK_N keys per program, dQ: BLOCK_M rows.
 BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 8, 3),
+    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 8, 3),
                          (32, 64, 4, 2), (32, 32, 4, 2)]
 ]
 BWD_DQ_CONFIGS = [
@@ -328,7 +358,7 @@ def _bwd_prune(resident: str, n_acc: int):
     return prune
 
 
-_KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "HAS_DROPOUT"]
+_KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]
 _dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_KEY,
                               prune_configs_by={"early_config_prune": _bwd_prune("BLOCK_N", 2)})(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_KEY,
@@ -336,7 +366,9 @@ _dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_KEY,
 
 
 def strides(t):
-    return tuple(t.stride())
+    """A tensor's strides as the kernels take them; packed [N, H, D] rows get the batch stride 0 of
+    [B, S, H, D] (the kernels find a sequence's rows from SeqStart)."""
+    return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
 
 
 @functools.lru_cache(None)
@@ -344,30 +376,35 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float):
-    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` are None without a padding mask."""
-    B, S, H, D = q.shape
-    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float,
+             seq_start=None):
+    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` are None without a padding mask.
+    Packed (``seq_start`` given, ``kv_end`` the lengths): every tensor is [N, H, D] rows, S = lse's."""
+    B, H, S = lse.shape
+    D = q.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
     pre_m = INTERPRET_BLOCK if interpret_mode() else PREPROCESS_BLOCK_M
+    packed = seq_start is not None
     _attn_bwd_preprocess_kernel[(triton.cdiv(S, pre_m), B * H)](
-        out, dout, delta, *strides(out), *strides(dout), H, S,
-        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d)
+        out, dout, delta, kv_end if packed else delta, seq_start if packed else delta, *strides(out),
+        *strides(dout), H, S, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, PACKED=packed)
     has_mask = mask_u8 is not None
     mask_arg = mask_u8 if has_mask else delta
     mask_strides = strides(mask_u8) if has_mask else (0, 0)
-    kv_arg = kv_end if has_mask else delta
+    kv_arg = kv_end if kv_end is not None else delta
+    start_arg = seq_start if packed else delta
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))
     scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p),
                triton.next_power_of_2(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0.0,
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
                  UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
-    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, seed, *common, *strides(dk),
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dk),
                  *mask_strides, *scalars)
-    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, seed, *common, *strides(dq),
+    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dq),
                *mask_strides, *scalars)
     if interpret_mode():
         blk = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)

@@ -1,0 +1,129 @@
+"""Attention of sequences stored back to back (the model's packed real frames).
+
+Shapes: q, k, v [N, H, D] rows (any strides; views of one fused projection), ``lengths`` host ints
+summing to N (sequence b owns the next lengths[b] rows; zeros allowed); output [N, H, D]. Every row
+is real, so nothing is padded, masked or scattered: the padded-batch op (``attention.py``) on
+[B, S, H, D] plus a key-padding mask computes the same values on real rows, at the cost of copying
+the packed rows into a zeroed [B, S, ...] buffer and back.
+
+Backends: "triton", the masked-attention kernels of ``attention.py`` / ``attention_bwd.py`` with
+PACKED=True (sequence b's rows start at SeqStart[b]; its length is the loop bound; dropout draws the
+same (batch*head, query, key) counters as the padded op with S = max(lengths)); "torch", SDPA per
+sequence on its rows.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..dispatch import Op
+from .attention import (attn_fwd, check_dropout_and_scale, check_qkv, draw_dropout_seed, sdpa_rows,
+                        triton_attention_reason)
+from .attention_bwd import attn_bwd
+
+
+@functools.lru_cache(maxsize=16)
+def _sequence_table(lengths: tuple, device: torch.device):
+    """(starts, lengths) as [B] int32 on ``device``, copied once per distinct lengths (every layer
+    of a forward reuses them) and without a host sync (pinned, non-blocking)."""
+    table = torch.tensor([*itertools.accumulate(lengths, initial=0)][:-1] + list(lengths), dtype=torch.int32)
+    if device.type == "cuda":
+        table = table.pin_memory()
+    table = table.to(device, non_blocking=True)
+    return table[:len(lengths)], table[len(lengths):]
+
+
+@torch.library.custom_op("unispeech_kernels::attention_packed_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, int[] lengths, float dropout_p, float softmax_scale) "
+                                "-> (Tensor, Tensor, Tensor)")
+def attention_packed_fwd_op(q, k, v, lengths, dropout_p, softmax_scale):
+    """Triton forward on packed rows: (out [N, H, D], lse [B, H, max_len], seed)."""
+    starts, lens = _sequence_table(tuple(lengths), q.device)
+    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
+            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    out, lse = attn_fwd(q, k, v, None, lens, seed, dropout_p, softmax_scale, seq_start=starts,
+                        max_len=max(lengths))
+    return out, lse, seed
+
+
+@attention_packed_fwd_op.register_fake
+def _(q, k, v, lengths, dropout_p, softmax_scale):
+    return (q.new_empty(q.shape), q.new_empty((len(lengths), q.shape[1], max(lengths)), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("unispeech_kernels::attention_packed_bwd", mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seed, "
+                                "int[] lengths, float dropout_p, float softmax_scale) -> (Tensor, Tensor, Tensor)")
+def attention_packed_bwd_op(dout, q, k, v, out, lse, seed, lengths, dropout_p, softmax_scale):
+    """Triton backward on packed rows: (dq, dk, dv), each [N, H, D]."""
+    starts, lens = _sequence_table(tuple(lengths), q.device)
+    return attn_bwd(dout, q, k, v, out, lse, seed, None, lens, dropout_p, softmax_scale, seq_start=starts)
+
+
+@attention_packed_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, seed, lengths, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lengths, dropout_p, softmax_scale = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.lengths, ctx.dropout_p, ctx.softmax_scale = lengths, dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _backward(ctx, dout, _dlse, _dseed):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_packed_bwd_op(dout, q, k, v, out, lse, seed, ctx.lengths, ctx.dropout_p,
+                                         ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_packed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# a variant of "attention": UNISPEECH_KERNELS_BACKEND=attention=... switches both
+attention_packed_op = Op("attention_packed", env_alias="attention")
+
+
+def _torch_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+    return None  # runs everything that passed the input checks
+
+
+@attention_packed_op.register("torch", check=_torch_check)
+def attention_packed_torch(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+    """SDPA per sequence on its rows (no mask: SDPA's fast path)."""
+    parts = [sdpa_rows(*t, dropout_p, softmax_scale) if n else t[0]
+             for n, *t in zip(lengths, q.split(lengths), k.split(lengths), v.split(lengths))]
+    return torch.cat(parts) if parts else q.clone()
+
+
+def _triton_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+    return triton_attention_reason((q, k, v), q.dtype, q.shape[-1], len(lengths) * q.shape[1],
+                                   max(lengths, default=0))
+
+
+@attention_packed_op.register("triton", check=_triton_check)
+def attention_packed_triton(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+    """The flash-style Triton kernels on packed rows."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return attention_packed_fwd_op(q, k, v, list(lengths), float(dropout_p), float(scale))[0]
+
+
+def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, backend: Optional[str] = None):
+    """Bidirectional attention within each of the sequences stored back to back in q, k, v [N, H, D];
+    ``lengths`` their host lengths (sum N). Returns [N, H, D]; differentiable in q, k, v."""
+    check_qkv(q, k, v, "[rows, heads, head_dim]", "attention_packed")
+    lengths = [int(n) for n in lengths]
+    if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
+        raise ValueError(f"attention_packed: lengths {lengths} must be >= 0 and sum to the {q.shape[0]} rows")
+    check_dropout_and_scale(dropout_p, softmax_scale, "attention_packed")
+    return attention_packed_op(q, k, v, lengths, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                               backend=backend)
