@@ -78,12 +78,14 @@ def test_equals_padded_masked_op_with_dropout(backend):
         assert not torch.equal(attention_packed(q, k, v, LENGTHS, dropout_p=p, backend=backend), out)
 
 
-def test_torch_backend_exact_in_fp64():
-    q, k, v = _packed_qkv(LENGTHS, 2, 16, torch.float64)
+@pytest.mark.parametrize("lengths", [LENGTHS, [13, 13, 13]], ids=["ragged", "equal"])
+def test_torch_backend_exact_in_fp64(lengths):
+    """Per-sequence SDPA calls (ragged) and one batched call on a [B, n, H, D] view (equal lengths)."""
+    q, k, v = _packed_qkv(lengths, 2, 16, torch.float64)
     grad = torch.randn_like(q)
-    out, grads = _out_and_grads(lambda *t: attention_packed(*t, LENGTHS, softmax_scale=0.3, backend="torch"),
+    out, grads = _out_and_grads(lambda *t: attention_packed(*t, lengths, softmax_scale=0.3, backend="torch"),
                                 q, k, v, grad)
-    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*t, LENGTHS, softmax_scale=0.3), q, k, v, grad)
+    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*t, lengths, softmax_scale=0.3), q, k, v, grad)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     for name, g, rg in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-12, rtol=1e-12, msg=name)

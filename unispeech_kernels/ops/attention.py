@@ -310,10 +310,10 @@ def _torch_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale
     return None  # runs everything that passed check_attention_inputs
 
 
-def sdpa_rows(q, k, v, dropout_p, softmax_scale):
-    """SDPA of one unmasked sequence: q, k, v [n, H, D] (any strides) -> [n, H, D]."""
-    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)[0].transpose(0, 1)
+def sdpa_unmasked(q, k, v, dropout_p, softmax_scale):
+    """SDPA of unmasked sequences in the [B, S, H, D] layout (any strides) -> [B, S, H, D]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale).transpose(1, 2)
 
 
 @attention_op.register("torch", check=_torch_check)
@@ -328,7 +328,8 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
             out = torch.zeros_like(q)
             for b, n in enumerate(lengths.tolist()):
                 if n:
-                    out[b, :n] = sdpa_rows(q[b, :n], k[b, :n], v[b, :n], dropout_p, softmax_scale)
+                    out[b:b + 1, :n] = sdpa_unmasked(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], dropout_p,
+                                                     softmax_scale)
             return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     mask = None

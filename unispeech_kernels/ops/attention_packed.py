@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..dispatch import Op
-from .attention import (attn_fwd, check_dropout_and_scale, check_qkv, draw_dropout_seed, sdpa_rows,
+from .attention import (attn_fwd, check_dropout_and_scale, check_qkv, draw_dropout_seed, sdpa_unmasked,
                         triton_attention_reason)
 from .attention_bwd import attn_bwd
 
@@ -98,8 +98,12 @@ def _torch_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
 
 @attention_packed_op.register("torch", check=_torch_check)
 def attention_packed_torch(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
-    """SDPA per sequence on its rows (no mask: SDPA's fast path)."""
-    parts = [sdpa_rows(*t, dropout_p, softmax_scale) if n else t[0]
+    """SDPA without a mask (its fast path): one batched call when every length is the same (the rows
+    are then a [B, n, H, D] view), else one call per sequence."""
+    if len(set(lengths)) == 1 and lengths[0] > 0:
+        shape = (len(lengths), lengths[0], *q.shape[1:])
+        return sdpa_unmasked(*(t.view(shape) for t in (q, k, v)), dropout_p, softmax_scale).reshape(q.shape)
+    parts = [sdpa_unmasked(*(x[None] for x in t), dropout_p, softmax_scale)[0] if n else t[0]
              for n, *t in zip(lengths, q.split(lengths), k.split(lengths), v.split(lengths))]
     return torch.cat(parts) if parts else q.clone()
 
