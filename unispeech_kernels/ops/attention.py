@@ -7,7 +7,8 @@ Triton backend: a flash-style forward (online softmax in exp2, fp32 accumulation
 and a deterministic bidirectional backward (``attention_bwd.py``). Masks: any bool mask works; the
 kernels load it per key block, and loop only up to ``kv_end`` = last real position + 1 (computed on
 the device, no host sync), so for audio's prefix masks key blocks past a sequence's length are
-skipped and query blocks past it exit early. The Triton op defines padded query rows as zeros:
+skipped and query blocks past it exit early. With PACKED the same kernels read sequences stored back
+to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query rows as zeros:
 gradients through them are zero (the torch backend returns attention over real keys there; both
 are within the contract "any finite value").
 Dropout: one Philox draw per (batch*head, query, key) from a seed drawn on the device with torch's

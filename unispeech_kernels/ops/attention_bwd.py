@@ -2,8 +2,9 @@
 that forward and backward share.
 
 Shapes: q, k, v, out, dout [B, S, H, D] (any strides); lse, delta [B, H, S] fp32; dq, dk, dv are new
-contiguous [B, S, H, D]. ``lse`` is the forward's log2-sum-exp2 of the scaled scores per query row,
-+inf on rows that are padded (their output is zero, so every gradient through them is zero).
+contiguous [B, S, H, D] (PACKED: every tensor is [N, H, D] rows, see ``attention_packed.py``). ``lse``
+is the forward's log2-sum-exp2 of the scaled scores per query row, +inf on rows that are padded
+(their output is zero, so every gradient through them is zero).
 
 Three deterministic kernels (no atomics): delta = rowsum(dout * out); dK/dV, one program per key
 block looping over the query blocks of the sequence's real range; dQ, one program per query block
