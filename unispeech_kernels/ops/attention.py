@@ -169,12 +169,12 @@ def _attn_fwd_kernel(
             k = k.to(tl.float32)
         if HAS_MASK:
             col_ok = col_ok & (tl.load(Mask + b * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled: the scale is folded in below
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max in the scaled log2 domain
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: no NaN
         alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(qk - m_ref[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])  # one FMA per score, not a multiply and a subtract
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, S, rows[:, None], cols[None, :], dropout_p)
