@@ -95,7 +95,7 @@ def test_attention_implementations_agree():
     torch.testing.assert_close(attn[0].sum(-1), torch.ones(2, 2, 34), **TOL)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "triton"])
 def test_fully_padded_row(attn):
     """A row with no real sample runs (its outputs are meaningless) and changes no other row."""
     m = model(feat_extract_norm="layer", attn_implementation=attn)
@@ -106,6 +106,28 @@ def test_fully_padded_row(attn):
         out = m(x, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(out[:1], m(x[:1]).last_hidden_state, **TOL)
     assert torch.isfinite(out).all()
+
+
+def test_encoder_packing_prefix_and_holey_masks():
+    """Prefix masks (audio padding) give FramePacking host lengths, so non-eager attention runs on the
+    packed rows; any other mask keeps the masked padded op. Real frames agree with eager either way."""
+    from unispeech.encoder import FramePacking
+    m = model(unispeech.UniSpeechModel, hidden_size=48, num_attention_heads=2, num_conv_pos_embedding_groups=4)
+    prefix = torch.arange(12)[None, :] < torch.tensor([12, 7, 0])[:, None]
+    holey = prefix.clone()
+    holey[0, 3] = False
+    assert FramePacking(3, 12, prefix).lengths == [12, 7, 0]
+    assert FramePacking(3, 12, holey).lengths is None and FramePacking(3, 12, None).lengths is None
+    hidden = torch.randn(3, 12, 48)
+    for mask in (prefix, holey):
+        outs = {}
+        with torch.no_grad():
+            for impl in ("eager", "sdpa", "triton"):
+                m.config.attn_implementation = impl
+                outs[impl] = m.encoder(hidden, mask)[0]
+        for impl in ("sdpa", "triton"):
+            torch.testing.assert_close(outs[impl][mask], outs["eager"][mask], **TOL)
+            assert (outs[impl][~mask] == 0).all()
 
 
 def test_padding_does_not_leak():
