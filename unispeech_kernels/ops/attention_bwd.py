@@ -171,9 +171,6 @@ def _attn_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    key_ok = offs_n < kv_end
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(Mask + b * stride_mb + offs_n * stride_ms, mask=key_ok, other=0) != 0)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -192,7 +189,9 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(Lse + bh.to(tl.int64) * S + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        p_t = tl.where(key_ok[:, None], tl.math.exp2(qk_t - lse[None, :]), 0.0)
+        # padding keys get meaningless values here (inf possible), confined to their own dK/dV rows,
+        # which the store drops (past n_rows) or zeroes (HAS_MASK): no per-score select in the loop
+        p_t = tl.math.exp2(qk_t - lse[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, S, rows[None, :], offs_n[:, None], dropout_p)
@@ -203,6 +202,11 @@ def _attn_bwd_dkdv_kernel(
         dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    if HAS_MASK:  # padded keys (past kv_end or masked) get zero gradients
+        key_ok = offs_n < kv_end
+        key_ok = key_ok & (tl.load(Mask + b * stride_mb + offs_n * stride_ms, mask=key_ok, other=0) != 0)
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     x_off = x_rows + offs_n[:, None] * stride_xs + offs_d[None, :] * stride_xd  # after the loop: not live in it
     tl.store(DK + x_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + x_off, dv.to(DV.dtype.element_ty), mask=store_ok)
