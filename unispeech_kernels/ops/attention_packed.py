@@ -123,7 +123,9 @@ def attention_packed_triton(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=No
 def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,
                      softmax_scale: Optional[float] = None, backend: Optional[str] = None):
     """Bidirectional attention within each of the sequences stored back to back in q, k, v [N, H, D];
-    ``lengths`` their host lengths (sum N). Returns [N, H, D]; differentiable in q, k, v."""
+    ``lengths`` their host lengths (sum N). Returns [N, H, D]; differentiable in q, k, v. Under
+    torch.compile the lengths are constants of the graph (a new list recompiles); the model layer
+    packs only in eager mode."""
     check_qkv(q, k, v, "[rows, heads, head_dim]", "attention_packed")
     lengths = [int(n) for n in lengths]
     if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
