@@ -30,8 +30,9 @@ check-kernels: $(STAMP)
 
 # benchmarks (bench/results/README.md). GPU targets use the system python3 (BENCH_PY), never a venv.
 BENCH_PY    ?= python3
-BENCH_FILES := bench/test_attention.py bench/test_pos_conv.py bench/test_first_conv_layer.py \
-               bench/test_feature_encoder.py bench/test_e2e.py bench/test_bench_pretraining.py
+BENCH_FILES := bench/test_attention.py bench/test_attention_packed.py bench/test_pos_conv.py \
+               bench/test_first_conv_layer.py bench/test_feature_encoder.py bench/test_e2e.py \
+               bench/test_bench_pretraining.py
 BENCH_OPTS  := -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds --benchmark-sort=name
 NEWEST      = $$(ls -t bench/results/*.json | head -1)
 

@@ -64,7 +64,8 @@ PROFILES = {
     "check": {
         "dtypes": ["bfloat16"],
         "attention": dict(models=["large"], seconds=[5, 10, 20, 30], batch=8,
-                          fwd=["triton", "sdpa", "flex"], bwd=["triton", "sdpa", "flex"]),
+                          fwd=["triton", "sdpa", "flex"], bwd=["triton", "sdpa", "flex"],
+                          packed_fwd=[], packed_bwd=[]),  # the model's packed layout: profile "full"
         "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
                          fwd=["triton", "torch"], fwd_bwd=["triton", "torch"]),
         "first_conv_layer": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["cuda", "triton", "torch"])],
@@ -75,7 +76,8 @@ PROFILES = {
     "full": {
         "dtypes": ["bfloat16", "float16"],
         "attention": dict(models=["base", "large"], seconds=[1, 5, 10, 20, 30], batch=8,
-                          fwd=["triton", "cuda", "sdpa", "flex", "torch"], bwd=["triton", "sdpa", "flex", "torch"]),
+                          fwd=["triton", "cuda", "sdpa", "flex", "torch"], bwd=["triton", "sdpa", "flex", "torch"],
+                          packed_fwd=["triton", "sdpa", "flex"], packed_bwd=["triton", "sdpa", "flex"]),
         "pos_conv": dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
                          fwd=["triton", "cuda", "torch", "compile"], fwd_bwd=["triton", "cuda", "torch"]),
         "first_conv_layer": [dict(models=["base", "large"], seconds=[1, 10, 30], batch=8,
@@ -89,7 +91,7 @@ PROFILES = {
     },
     "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
         "dtypes": ["float32"],
-        "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[]),
+        "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[], packed_fwd=[], packed_bwd=[]),
         "pos_conv": dict(models=[], seconds=[], batch=2, fwd=[], fwd_bwd=[]),
         "first_conv_layer": [],
         "feature_encoder": [],

@@ -117,8 +117,9 @@ if wanted bench; then
     BENCH_PROFILE=${BENCH_PROFILE:-check} BENCH_BUDGET_S=$LEFT \
         step "benchmarks" $(( LEFT + 60 )) "$PY" -m pytest -q -p no:cacheprovider \
             --benchmark-columns=min,median,max,rounds --benchmark-sort=name "${SELECT[@]}" \
-            bench/test_attention.py bench/test_pos_conv.py bench/test_first_conv_layer.py \
-            bench/test_feature_encoder.py bench/test_e2e.py bench/test_bench_pretraining.py
+            bench/test_attention.py bench/test_attention_packed.py bench/test_pos_conv.py \
+            bench/test_first_conv_layer.py bench/test_feature_encoder.py bench/test_e2e.py \
+            bench/test_bench_pretraining.py
 fi
 
 # 5. results, report, summary

@@ -18,7 +18,8 @@ import sys
 from collections import OrderedDict
 
 OUR_IMPLS = ("triton", "cuda", "ours", "hf_patched")
-OP_ORDER = ("attention_fwd", "attention_bwd", "first_conv_layer_fwd", "feature_encoder_fwd", "pos_conv_fwd",
+OP_ORDER = ("attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd",
+            "first_conv_layer_fwd", "feature_encoder_fwd", "pos_conv_fwd",
             "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step")
 
 

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from bench import cases, harness, test_attention, test_feature_encoder, test_first_conv_layer, test_pos_conv
+from bench import (cases, harness, test_attention, test_attention_packed, test_feature_encoder, test_first_conv_layer,
+                   test_pos_conv)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [1680, 1200]  # samples: 5 and 3 frames after the conv stack, 335 / 239 after layer 0
@@ -38,6 +39,28 @@ def _check(rec):
 def test_attention_cases(benchmark, recorder, bench):
     bench(benchmark, recorder, DEVICE, ("tiny-group", 0.1, 2, "triton", LENGTHS), torch.float32)
     assert _check(recorder)["vs"] == "sdpa"
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "flex"])
+@pytest.mark.parametrize("bench", [test_attention_packed.test_attention_packed_fwd,
+                                   test_attention_packed.test_attention_packed_bwd])
+def test_attention_packed_cases(benchmark, recorder, bench, impl):
+    """Every impl runs (FlexAttention has no CPU backward: that case skips with its reason); ours is
+    verified against per-sequence SDPA."""
+    bench(benchmark, recorder, DEVICE, ("tiny-group", 0.1, 2, impl, LENGTHS), torch.float32)
+    (row,) = recorder.rows
+    assert row["error"] is None, row["error"]
+    if impl == "triton":
+        assert _check(recorder)["vs"] == "sdpa"
+
+
+def test_attention_packed_baselines_compute_the_same():
+    """FlexAttention's document mask over all rows == SDPA per sequence: the baselines do equal work."""
+    lengths = [37, 5, 22]
+    q, k, v = torch.randn(sum(lengths), 3, 2, 16, device=DEVICE).unbind(1)
+    want = test_attention_packed.make_impl("sdpa", lengths, DEVICE)(q, k, v)
+    torch.testing.assert_close(test_attention_packed.make_impl("flex", lengths, DEVICE)(q, k, v), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bench", [test_pos_conv.test_pos_conv_fwd, test_pos_conv.test_pos_conv_fwd_bwd])
