@@ -55,11 +55,15 @@ def make_impl(impl: str, lengths: torch.Tensor, seq: int):
     raise ValueError(f"unknown attention impl {impl!r}")
 
 
-def make_inputs(model, lengths, dtype, device, backward):
+def attention_dims(model, lengths):
+    """(frames per utterance after the conv stack, heads, head_dim) of a model case."""
     cfg = cases.MODELS[model]
     heads = cfg["num_attention_heads"]
-    dim = cfg["hidden_size"] // heads
-    frames = cases.frame_lengths(lengths, cfg)
+    return cases.frame_lengths(lengths, cfg), heads, cfg["hidden_size"] // heads
+
+
+def make_inputs(model, lengths, dtype, device, backward):
+    frames, heads, dim = attention_dims(model, lengths)
     b, s = len(frames), max(frames)
     n = torch.tensor(frames, device=device)
     mask = torch.arange(s, device=device)[None, :] < n[:, None]

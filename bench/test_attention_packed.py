@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bench import cases
 from bench.harness import input_set_count, rel_diff
-from bench.test_attention import _case, _flex, _id, _raise
+from bench.test_attention import _case, _flex, _id, _raise, attention_dims
 
 SECTION = cases.section("attention")
 FWD = cases.expand(SECTION, "packed_fwd")
@@ -47,10 +47,7 @@ def make_impl(impl: str, lengths: list, device):
 
 
 def make_inputs(model, lengths, dtype, device, backward):
-    cfg = cases.MODELS[model]
-    heads = cfg["num_attention_heads"]
-    dim = cfg["hidden_size"] // heads
-    frames = cases.frame_lengths(lengths, cfg)
+    frames, heads, dim = attention_dims(model, lengths)
     n = sum(frames)
     per_set = (8 if backward else 4) * n * heads * dim * torch.finfo(dtype).bits // 8
     sets = []
