@@ -46,6 +46,12 @@ def batch_lengths(seconds: float, batch: int, seed: int = SEED) -> list[int]:
     return [longest] + [rng.randint(longest // 2, longest) for _ in range(batch - 1)]
 
 
+def padded_audio(lengths, dtype, device):
+    """(audio [B, max(lengths)] random, zero past each utterance's length; its bool mask [B, L])."""
+    mask = torch.arange(max(lengths), device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return torch.randn(*mask.shape, device=device, dtype=dtype) * mask, mask
+
+
 def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
     out = []
     for n in sample_lengths:

@@ -51,9 +51,7 @@ def _build(device):
         model = UniSpeechForPreTraining(config)
     model = model.to(dtype).train()
     lengths = cases.batch_lengths(10, batch)
-    longest = max(lengths)
-    attention = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])
-    audio = torch.randn(batch, longest, device=device, dtype=dtype) * attention.to(dtype)
+    audio, attention = cases.padded_audio(lengths, dtype, device)
     attention = attention.long()
     np.random.seed(cases.SEED)
     from unispeech.pretraining import pretraining_mask

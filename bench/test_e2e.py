@@ -86,13 +86,10 @@ def _raise(error, *args):
 
 
 def make_inputs(lengths, dtype, device, n_sets, labels=False, vocab=32):
-    longest = max(lengths)
-    n = torch.tensor(lengths, device=device)
-    mask = (torch.arange(longest, device=device)[None, :] < n[:, None]).long()
     sets = []
     for _ in range(n_sets):
-        audio = torch.randn(len(lengths), longest, device=device, dtype=dtype) * mask.to(dtype)
-        s = (audio, mask)
+        audio, mask = cases.padded_audio(lengths, dtype, device)
+        s = (audio, mask.long())
         if labels:  # about 15 characters per second of audio, padded with -100
             count = [max(1, int(15 * x / cases.SAMPLE_RATE)) for x in lengths]
             lab = torch.full((len(lengths), max(count)), -100, device=device, dtype=torch.long)

@@ -64,15 +64,13 @@ def test_feature_encoder_fwd(benchmark, recorder, device, case, dtype):
     weights = make_weights(model, dtype, device)
     n = torch.tensor(lengths, device=device)
     longest = max(lengths)
-    valid = torch.arange(longest, device=device)[None, :] < n[:, None]
     elem = torch.finfo(dtype).bits // 8
     frames = cases.frame_lengths(lengths, cfg)
     sets = []
     # rotation sized by the largest activation (conv 0's output), what a cache could otherwise hold
     conv0_frames = physics.conv_out_len(longest, cfg["conv_kernel"][0], cfg["conv_stride"][0])
     for _ in range(input_set_count(batch * conv0_frames * cfg["conv_dim"][0] * elem, device)):
-        audio = torch.randn(batch, longest, device=device, dtype=dtype) * valid
-        sets.append((audio, n))
+        sets.append((cases.padded_audio(lengths, dtype, device)[0], n))
     conv = (cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])
     c = Case("feature_encoder_fwd", impl, dtype, f"{model} B{batch} L{longest} T{max(frames)}",
              dict(model=model, seconds=seconds, batch=batch, norm=cfg["feat_extract_norm"], samples=lengths),

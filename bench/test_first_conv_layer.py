@@ -48,10 +48,9 @@ def test_first_conv_layer_fwd(benchmark, recorder, device, case, dtype):
     layer = make_layer(model, dtype, device)
     c_out, k, stride = cfg["conv_dim"][0], cfg["conv_kernel"][0], cfg["conv_stride"][0]
     longest = max(lengths)
-    valid = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     frames = [physics.conv_out_len(n, k, stride) for n in lengths]  # real output frames per utterance
     elem = torch.finfo(dtype).bits // 8
-    sets = [(torch.randn(batch, longest, device=device, dtype=dtype) * valid,)
+    sets = [cases.padded_audio(lengths, dtype, device)[:1]
             for _ in range(input_set_count(batch * max(frames) * c_out * elem, device))]
     c = Case("first_conv_layer_fwd", impl, dtype, f"{model} B{batch} L{longest} T{max(frames)} C{c_out}",
              dict(model=model, seconds=seconds, batch=batch, norm=cfg["feat_extract_norm"], samples=lengths),
