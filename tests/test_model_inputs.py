@@ -117,6 +117,8 @@ def test_encoder_packing_prefix_and_holey_masks():
     holey = prefix.clone()
     holey[0, 3] = False
     assert FramePacking(3, 12, prefix).lengths == [12, 7, 0]
+    for mask in (prefix, holey):  # the packing index, from the lengths or from the mask
+        assert torch.equal(FramePacking(3, 12, mask).index, mask.reshape(-1).nonzero().squeeze(1))
     assert FramePacking(3, 12, holey).lengths is None and FramePacking(3, 12, None).lengths is None
     hidden = torch.randn(3, 12, 48)
     for mask in (prefix, holey):

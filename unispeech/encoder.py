@@ -12,9 +12,9 @@ Padded batches run unpadded: after the positional conv the real frames are packe
 [N, E] (``FramePacking``), so projections, feed-forward and norms do only real work; attention
 runs on the packed rows themselves (``unispeech_kernels.attention_packed``, lengths read on the host
 once per forward) when the mask is a prefix mask, as audio padding always is; the eager path, and
-any other mask, scatter q/k/v back to [B, T, H, D] for the masked op. Real frames are computed exactly as in
-transformers; frames past an utterance's length are zero in the layer outputs (transformers leaves
-values there that depend on the padding and that nothing real attends to).
+any other mask, scatter q/k/v back to [B, T, H, D] for the masked op. Real frames are computed
+exactly as in transformers; frames past an utterance's length are zero in the layer outputs
+(transformers leaves values there that depend on the padding and that nothing real attends to).
 """
 from __future__ import annotations
 
@@ -78,16 +78,23 @@ class FramePacking:
     def __init__(self, batch: int, frames: int, mask: Optional[torch.Tensor]):
         self.batch, self.frames, self.mask = batch, frames, mask
         # packing needs the real-frame count on the host: under torch.compile keep the padded layout
-        packed = mask is not None and not torch.compiler.is_compiling()
-        self.index = mask.reshape(-1).nonzero().squeeze(1) if packed else None  # [N]
-        # host lengths when the mask is a prefix mask (audio padding): rows of utterance b are then
-        # the next lengths[b] packed rows, which lets attention run on them directly. One host sync.
-        self.lengths: Optional[List[int]] = None
-        if packed:
-            lengths = mask.sum(1)
-            prefix = (mask == (torch.arange(frames, device=mask.device) < lengths[:, None])).all()
-            *lengths, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
-            self.lengths = lengths if prefix else None
+        self.index: Optional[torch.Tensor] = None  # [N] padded position of each packed row
+        self.lengths: Optional[List[int]] = None  # host lengths when the mask is a prefix mask
+        if mask is None or torch.compiler.is_compiling():
+            return
+        # a prefix mask (audio padding always is one): utterance b owns the next lengths[b] rows, so
+        # attention can run on the packed rows directly; one host sync reads lengths and the answer
+        lengths = mask.sum(1)
+        prefix = (mask == (torch.arange(frames, device=mask.device) < lengths[:, None])).all()
+        *host, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
+        if not prefix:
+            self.index = mask.reshape(-1).nonzero().squeeze(1)
+            return
+        self.lengths = host
+        n = sum(host)
+        # packed row r of utterance b sits at padded position r + (b * frames - first packed row of b)
+        shift = torch.arange(batch, device=mask.device) * frames - (lengths.cumsum(0) - lengths)
+        self.index = torch.arange(n, device=mask.device) + shift.repeat_interleave(lengths, output_size=n)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.frames, *x.shape[2:])
