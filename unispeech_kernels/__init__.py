@@ -8,5 +8,6 @@ from .integrations.transformers import register_transformers_attention
 from .ops.pos_conv import fold_weight_norm, pos_conv_embed
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_packed", "feature_encoder", "pos_conv_embed", "fold_weight_norm", "patch_model", "unpatch_model",
-           "register_transformers_attention", "BackendUnavailableError", "resolve_backend", "__version__"]
+__all__ = ["attention", "attention_packed", "feature_encoder", "pos_conv_embed", "fold_weight_norm", "patch_model",
+           "unpatch_model", "register_transformers_attention", "BackendUnavailableError", "resolve_backend",
+           "__version__"]

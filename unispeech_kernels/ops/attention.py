@@ -59,13 +59,13 @@ def attention_reference(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softma
     return out if upcast else out.to(dtype)
 
 
-def check_qkv(q, k, v, layout: str, op: str = "attention"):
-    """q, k, v tensors of one floating dtype, shape and device, of the rank ``layout`` names."""
+def check_qkv(q, k, v, dims: tuple, op: str = "attention"):
+    """q, k, v tensors of one floating dtype, shape and device, with the ``dims`` named."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != layout.count(",") + 1:
-            raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+        if t.dim() != len(dims):
+            raise ValueError(f"{op}: {name} must be [{', '.join(dims)}], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
     if not (q.shape == k.shape == v.shape):
@@ -87,7 +87,7 @@ def check_dropout_and_scale(dropout_p, softmax_scale, op: str = "attention"):
 
 def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     """Raise a clear error for anything no backend should be asked to compute."""
-    check_qkv(q, k, v, "[batch, seq, heads, head_dim]")
+    check_qkv(q, k, v, ("batch", "seq", "heads", "head_dim"))
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("attention: key_padding_mask must be a bool tensor (True = real frame), got "

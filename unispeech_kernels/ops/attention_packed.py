@@ -126,7 +126,7 @@ def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,
     ``lengths`` their host lengths (sum N). Returns [N, H, D]; differentiable in q, k, v. Under
     torch.compile the lengths are constants of the graph (a new list recompiles); the model layer
     packs only in eager mode."""
-    check_qkv(q, k, v, "[rows, heads, head_dim]", "attention_packed")
+    check_qkv(q, k, v, ("rows", "heads", "head_dim"), "attention_packed")
     lengths = [int(n) for n in lengths]
     if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
         raise ValueError(f"attention_packed: lengths {lengths} must be >= 0 and sum to the {q.shape[0]} rows")
