@@ -424,8 +424,8 @@ def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
 
 def aot_specs():
     """Every kernel config shipped for UniSpeech shapes (B 8, H 16, D 64, bf16), as an sm_90 device
-    keeps after pruning (padded with a mask and packed rows, with and without dropout), for ahead-of-time compile
-    checks. Other head dims and fp16 are covered by the interpreter tests, not compiled here."""
+    keeps after pruning (padded with a mask and packed rows, with and without dropout), for
+    ahead-of-time compile checks. Other head dims and fp16 are covered by the interpreter tests."""
     specs = []
     tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1, 1),
              ("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2),
@@ -434,19 +434,19 @@ def aot_specs():
         for d in _AOT_HEAD_DIMS:
             block_d = max(16, triton.next_power_of_2(d))
             for kname, fn, configs, resident, n_acc, n_score in tuned:
-                # padded batches with a mask (transformers' models) and packed rows (ours)
-                for dropout, packed in itertools.product((False, True), (False, True)):
+                for dropout in (False, True):
                     kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
                                            block_d=block_d, elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
                                            max_smem=SM90_SMEM, dropout=dropout)
-                    for c in kept:
+                    # padded batches with a mask (transformers' models) and packed rows (ours)
+                    for packed, c in itertools.product((False, True), kept):
                         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=not packed, PACKED=packed,
                                      HAS_DROPOUT=dropout, UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
                               f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + "_packed" * packed
                         specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
             for packed in (False, True):
-                specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}{'_packed' if packed else ''}",
+                specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}" + "_packed" * packed,
                                        _attn_bwd_preprocess_kernel, elem,
                                        dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d, PACKED=packed), 4, 1, False))
     specs.append(_aot_spec("attn_dropout_mask", _dropout_mask_kernel, "u8", dict(BLOCK=64), 4, 1, False))
