@@ -3,8 +3,8 @@ and backward, side by side.
 
 Shapes: q, k, v [N, H, D] rows of the batch's real frames (N = sum of the lengths), views of one
 [N, 3, H, D] projection output as the model makes them. Impls: triton = unispeech_kernels.
-attention_packed(backend="triton"); sdpa = F.scaled_dot_product_attention per sequence on its rows
-(no mask: its fastest path); flex = torch.compile'd FlexAttention over all rows as one sequence with
+attention_packed(backend="triton"); sdpa = its torch backend, F.scaled_dot_product_attention per
+sequence on its rows (no mask: SDPA's fastest path); flex = torch.compile'd FlexAttention over all rows as one sequence with
 a document mask (query and key in the same utterance), its own varlen recipe, the block mask built
 once per shape outside the timing. FLOPs and bytes as bench/test_attention.py (real work only).
 """
@@ -14,7 +14,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench import cases
 from bench.harness import input_set_count, rel_diff
@@ -27,15 +26,10 @@ BWD = cases.expand(SECTION, "packed_bwd")
 
 def make_impl(impl: str, lengths: list, device):
     """fn(q, k, v) -> out [N, H, D] for one implementation."""
-    if impl == "triton":
+    if impl in ("triton", "sdpa"):  # sdpa: the op's torch backend, unmasked SDPA per sequence
         import unispeech_kernels
-        return lambda q, k, v: unispeech_kernels.attention_packed(q, k, v, lengths, backend="triton")
-    if impl == "sdpa":
-        def per_sequence(q, k, v):
-            parts = zip(q.split(lengths), k.split(lengths), v.split(lengths))
-            return torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in p))[0].transpose(0, 1)
-                              for p in parts])
-        return per_sequence
+        backend = "triton" if impl == "triton" else "torch"
+        return lambda q, k, v: unispeech_kernels.attention_packed(q, k, v, lengths, backend=backend)
     if impl == "flex":
         flex, create_block_mask = _flex()
         n = sum(lengths)
