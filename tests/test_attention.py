@@ -8,7 +8,7 @@ import torch
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError
 from unispeech_kernels.ops.attention import (aot_specs, attention, attention_op, attention_reference,
-                                             draw_dropout_seed, kv_end_from_mask)
+                                             draw_dropout_seed, kv_end_from_mask, prefix_lengths)
 from unispeech_kernels.ops.attention_bwd import dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +115,13 @@ def test_torch_backend_real_rows_and_grads(prefix):
     for name, a, b in zip("qkv", got, want):  # the reference's empty row (2) has NaN gradients
         torch.testing.assert_close(a[:2], b[:2], atol=1e-5, rtol=1e-5, msg=name)
         assert (a[2] == 0).all(), name
+
+
+def test_prefix_lengths():
+    prefix = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    assert prefix_lengths(prefix) == [2, 0, 3]
+    holey = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    assert prefix_lengths(holey) is None
 
 
 def test_kv_end_from_mask():

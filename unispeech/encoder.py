@@ -27,6 +27,7 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
+from unispeech_kernels.ops.attention import prefix_lengths
 from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 from .feature_encoder import kernel_backend
@@ -83,15 +84,13 @@ class FramePacking:
         if mask is None or torch.compiler.is_compiling():
             return
         # a prefix mask (audio padding always is one): utterance b owns the next lengths[b] rows, so
-        # attention can run on the packed rows directly; one host sync reads lengths and the answer
-        lengths = mask.sum(1)
-        prefix = (mask == (torch.arange(frames, device=mask.device) < lengths[:, None])).all()
-        *host, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
-        if not prefix:
+        # attention can run on the packed rows directly; the one host sync of the forward
+        self.lengths = prefix_lengths(mask)
+        if self.lengths is None:
             self.index = mask.reshape(-1).nonzero().squeeze(1)
             return
-        self.lengths = host
-        n = sum(host)
+        n = sum(self.lengths)
+        lengths = mask.sum(1)
         # packed row r of utterance b sits at padded position r + (b * frames - first packed row of b)
         shift = torch.arange(batch, device=mask.device) * frames - (lengths.cumsum(0) - lengths)
         self.index = torch.arange(n, device=mask.device) + shift.repeat_interleave(lengths, output_size=n)

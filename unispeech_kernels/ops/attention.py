@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,15 @@ _fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK
                              prune_configs_by={"early_config_prune": _fwd_prune})(_attn_fwd_kernel)
 
 
+def prefix_lengths(mask: torch.Tensor) -> Optional[List[int]]:
+    """Host lengths of a bool [B, S] mask if every row is a prefix of real frames (audio padding),
+    else None; one host sync."""
+    lengths = mask.sum(1)
+    prefix = (mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()
+    *host, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
+    return host if prefix else None
+
+
 def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """[B] int32: last real position + 1 of each row of a bool [B, S] mask (0 for no real frame)."""
     pos = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.int32)
@@ -323,11 +332,10 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
     mask (SDPA's fast path, no padded work; padded query rows are zero); any other mask goes to
     SDPA as a boolean mask. Fully padded sequences give zeros."""
     if key_padding_mask is not None and not torch.compiler.is_compiling():
-        lengths = key_padding_mask.sum(1)
-        frames = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
-        if torch.equal(key_padding_mask, frames[None, :] < lengths[:, None]):  # one host sync
+        lengths = prefix_lengths(key_padding_mask)  # one host sync
+        if lengths is not None:
             out = torch.zeros_like(q)
-            for b, n in enumerate(lengths.tolist()):
+            for b, n in enumerate(lengths):
                 if n:
                     out[b:b + 1, :n] = sdpa_unmasked(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], dropout_p,
                                                      softmax_scale)
