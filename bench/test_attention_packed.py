@@ -4,9 +4,10 @@ and backward, side by side.
 Shapes: q, k, v [N, H, D] rows of the batch's real frames (N = sum of the lengths), views of one
 [N, 3, H, D] projection output as the model makes them. Impls: triton = unispeech_kernels.
 attention_packed(backend="triton"); sdpa = its torch backend, F.scaled_dot_product_attention per
-sequence on its rows (no mask: SDPA's fastest path); flex = torch.compile'd FlexAttention over all rows as one sequence with
-a document mask (query and key in the same utterance), its own varlen recipe, the block mask built
-once per shape outside the timing. FLOPs and bytes as bench/test_attention.py (real work only).
+sequence on its rows (no mask: SDPA's fastest path); flex = torch.compile'd FlexAttention over all
+rows as one sequence with a document mask (query and key in the same utterance), its own varlen
+recipe, the block mask built once per shape outside the timing. FLOPs and bytes as
+bench/test_attention.py (real work only).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from bench import cases
-from bench.harness import input_set_count, rel_diff
+from bench.harness import input_set_count, rel_diff, verify_same
 from bench.test_attention import _case, _flex, _id, _raise, attention_dims
 
 SECTION = cases.section("attention")
@@ -63,7 +64,8 @@ def test_attention_packed_fwd(benchmark, recorder, device, case, dtype):
     except Exception as e:  # e.g. FlexAttention missing from this torch
         fn = functools.partial(_raise, e)
     with torch.no_grad():
-        recorder.run(benchmark, c, fn, sets, device, verify=functools.partial(verify_fwd, fn, frames, device, *sets[0]))
+        verify = functools.partial(verify_same, fn, make_impl("sdpa", frames, device), sets[0], vs="sdpa")
+        recorder.run(benchmark, c, fn, sets, device, verify=verify)
 
 
 @pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
@@ -85,11 +87,6 @@ def test_attention_packed_bwd(benchmark, recorder, device, case, dtype):
     except Exception as e:  # a backend that cannot run: its first timed call reports it
         graphs, fn = [(None, None, None)], functools.partial(_raise, e)
     recorder.run(benchmark, c, fn, graphs, device, verify=functools.partial(verify_bwd, fwd, frames, device, *sets[0]))
-
-
-def verify_fwd(fn, frames, device, q, k, v):
-    with torch.no_grad():
-        return {"rel_diff": rel_diff(fn(q, k, v), make_impl("sdpa", frames, device)(q, k, v)), "vs": "sdpa"}
 
 
 def verify_bwd(fwd, frames, device, q, k, v):
