@@ -1,5 +1,6 @@
 """Triton masked attention (forward + backward) against the fp64 reference, dropout, dispatch,
 torch.compile. Shapes [B, S, H, D]; the kernels run through TRITON_INTERPRET=1 on CPU machines."""
+import contextlib
 import re
 
 import pytest
@@ -7,9 +8,13 @@ import torch
 
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError
-from unispeech_kernels.ops.attention import (aot_specs, attention, attention_op, attention_reference,
-                                             draw_dropout_seed, kv_end_from_mask, prefix_lengths)
-from unispeech_kernels.ops.attention_bwd import dropout_keep_mask
+from unispeech_kernels._runtime import interpret_mode
+from unispeech_kernels.ops._triton_helpers import forced_tiles
+from unispeech_kernels.ops.attention import (FWD_CONFIGS, _fwd_tuned, aot_specs, attention, attention_op,
+                                             attention_reference, draw_dropout_seed, kv_end_from_mask,
+                                             prefix_lengths)
+from unispeech_kernels.ops.attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, _dkdv_tuned, _dq_tuned,
+                                                 dropout_keep_mask)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,6 +152,33 @@ def test_real_run_then_holes_and_block_edges(dtype):
     seed = draw_dropout_seed(q.device)
     keep = dropout_keep_mask(seed, 4, 2, S, 0.3)
     check_against_reference(q, k, v, mask, dropout_p=0.3, dropout_mask=keep, rng_seed=5)
+
+
+def gpu_tiles(i):
+    """The i-th autotune config of each attention kernel (cycling through the shorter lists) forced
+    on the interpreter: the tile sizes the GPU may pick (warps and stages change no arithmetic)."""
+    tiles = [(tuned, configs[i % len(configs)].kwargs) for tuned, configs in
+             ((_fwd_tuned, FWD_CONFIGS), (_dkdv_tuned, BWD_DKDV_CONFIGS), (_dq_tuned, BWD_DQ_CONFIGS))]
+    stack = contextlib.ExitStack()
+    for tuned, kw in tiles:
+        stack.enter_context(forced_tiles(tuned, kw))
+    return stack
+
+
+N_GPU_TILES = max(map(len, (FWD_CONFIGS, BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS)))
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
+@pytest.mark.parametrize("i", range(N_GPU_TILES))
+def test_every_gpu_tile_config(i):
+    """Each GPU config's tiles, with dropout: S 200 spans several 128 / 64 / 32 blocks, one length
+    (131) ends inside a block, one sequence has every frame."""
+    B, S, H = 2, 200, 2
+    q, k, v = _inputs(B, S, H, 64, torch.float16)
+    torch.manual_seed(3)
+    keep = dropout_keep_mask(draw_dropout_seed(DEVICE), B, H, S, 0.2)
+    with gpu_tiles(i):
+        check_against_reference(q, k, v, _prefix_mask([S, 131], S), dropout_p=0.2, dropout_mask=keep, rng_seed=3)
 
 
 def test_dropout_rate_within_binomial_bound():

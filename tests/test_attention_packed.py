@@ -4,8 +4,10 @@ The Triton kernels run through TRITON_INTERPRET=1 on CPU machines."""
 import pytest
 import torch
 
+from tests.test_attention import N_GPU_TILES, gpu_tiles
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError, attention, attention_packed
+from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops.attention import attention_reference
 from unispeech_kernels.ops.attention_packed import attention_packed_op
 
@@ -51,6 +53,23 @@ def test_triton_matches_fp64_reference(dtype, head_dim):
     assert_error_within(out, ref, eager, dtype, "out")
     for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
         assert_error_within(g, rg.to(g.dtype), eg, dtype, name)
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
+@pytest.mark.parametrize("i", range(N_GPU_TILES))
+def test_every_gpu_tile_config(i):
+    """Each GPU config's tiles on packed rows: sequences start mid-block, one is longer than 128."""
+    lengths = [150, 0, 77, 1]
+    q, k, v = _packed_qkv(lengths, 2, 64, torch.float16)
+    grad = torch.randn_like(q)
+    with gpu_tiles(i):
+        out, grads = _out_and_grads(lambda *t: attention_packed(*t, lengths, backend="triton"), q, k, v, grad)
+    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*(x.double() for x in t), lengths, upcast=True),
+                                    q, k, v, grad)
+    eager, eager_grads = _out_and_grads(lambda *t: _masked_reference(*t, lengths), q, k, v, grad)
+    assert_error_within(out, ref, eager, torch.float16, "out")
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        assert_error_within(g, rg.to(g.dtype), eg, torch.float16, name)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -2,11 +2,15 @@
 backward, against the fp64 reference with eager same-dtype PyTorch as the error baseline.
 Shapes: audio [B, L] -> features [B, T, C]. Under TRITON_INTERPRET=1 on CPU: small channel counts
 (32 -> 32 -> 24 -> 16, so GEMM tiles of 16 see several and partial channel chunks)."""
+import contextlib
+
 import pytest
 import torch
 
 from tests.tolerances import ALLCLOSE, assert_error_within
+from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.dispatch import BackendUnavailableError
+from unispeech_kernels.ops._triton_helpers import forced_tiles
 from unispeech_kernels.ops import conv_layer as conv_layer_module
 from unispeech_kernels.ops.conv_layer import aot_specs
 from unispeech_kernels.ops.feature_encoder import (conv_output_length, feature_encoder, feature_encoder_op,
@@ -76,6 +80,45 @@ def test_fp32_forward_backward(norm_mode, conv_bias):
 @pytest.mark.parametrize("norm_mode,conv_bias", [("group", False), ("layer", True)])
 def test_low_precision_forward_backward(dtype, norm_mode, conv_bias):
     _check(norm_mode, conv_bias, dtype, L=601)
+
+
+
+def _conv_layer_reference(x, w, b, stride, norm_mode, g, beta):
+    """One 512-style layer on channels-last x [B, T, C_in]: conv + bias (+ LayerNorm) + GELU."""
+    y = torch.nn.functional.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
+    if norm_mode == "layer":
+        y = torch.nn.functional.layer_norm(y, y.shape[-1:], g, beta)
+    return torch.nn.functional.gelu(y)
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
+@pytest.mark.parametrize("norm_mode", ["none", "layer"])
+@pytest.mark.parametrize("i", range(4))
+def test_every_gpu_tile_config(i, norm_mode):
+    """The i-th autotune config of each GEMM kernel (forward, LayerNorm forward, dX, dW; cycling
+    through the shorter lists) forced on the interpreter: the GPU's tile sizes (warps and stages
+    change no arithmetic). 160 channels (a 256-wide tile masks 96, a 64-wide one takes three
+    chunks), K * C_in = 480 (7.5 K-steps of 64), B * T 2 x 99 rows (a partial second 128-row tile)."""
+    tensors = [torch.randn(2, 199, 160), torch.randn(160, 160, 3) / 20, 0.3 * torch.randn(160)]
+    if norm_mode == "layer":
+        tensors += [1 + 0.2 * torch.randn(160), 0.2 * torch.randn(160)]
+    grad = torch.randn(2, 99, 160, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in tensors]
+        out = fn(*leaves[:3], 2, norm_mode, *(leaves[3:] or [None, None]))
+        return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    with contextlib.ExitStack() as stack:
+        for gemm in ("fwd", "fwd_norm", "bwd_dx", "bwd_dw"):
+            tuned = getattr(conv_layer_module, f"_conv_{gemm}")
+            stack.enter_context(forced_tiles(tuned, tuned.configs[i % len(tuned.configs)].kwargs))
+        got = run(conv_layer_module.conv_layer, torch.float16)
+    gold, eager = run(_conv_layer_reference, torch.float64), run(_conv_layer_reference, torch.float16)
+    names = ["output", "d_input", "d_weight", "d_bias", "d_norm_weight", "d_norm_bias"]
+    assert len(got) == len(tensors) + 1
+    for name, a, r, e in zip(names, got, gold, eager):
+        assert_error_within(a, r, e, torch.float16, name)
 
 
 def test_receptive_field_gives_one_frame():

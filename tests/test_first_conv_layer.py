@@ -71,6 +71,14 @@ def test_many_channels_in_chunks():
     _check("group", True, torch.float32, B=1, L=1200, C=160)
 
 
+@pytest.mark.parametrize("norm_mode,conv_bias", [("group", False), ("layer", True)])
+def test_model_channel_count(norm_mode, conv_bias):
+    """UniSpeech's 512 channels, so the tiles are the ones the GPU runs at model shapes (their size
+    follows the channel count): LayerNorm over a 512-wide tile of 8 frames, 2-frame backward tiles,
+    group statistics in four 128-channel chunks."""
+    _check(norm_mode, conv_bias, torch.bfloat16, B=2, L=400, C=512)
+
+
 def test_one_frame_and_odd_lengths():
     """The exact kernel length gives one frame (group norm over one value: variance 0; torch's
     group_norm refuses a single value in total, so batch 2 there)."""

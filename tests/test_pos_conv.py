@@ -12,6 +12,10 @@ import torch
 
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError
+from unispeech_kernels._runtime import interpret_mode
+from unispeech_kernels.ops import pos_conv as pos_conv_module
+from unispeech_kernels.ops import pos_conv_bwd as pos_conv_bwd_module
+from unispeech_kernels.ops._triton_helpers import forced_tiles
 from unispeech_kernels.ops.pos_conv import (aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_embed,
                                             pos_conv_fwd, pos_conv_op, pos_conv_reference)
 
@@ -58,6 +62,19 @@ def test_matches_reference(dtype, K, T):
     C, G = 32, 4
     x = torch.randn(2, T, C, device=DEVICE).to(dtype)
     check_against_reference(x, *_params(C, G, K, dtype), G)
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
+@pytest.mark.parametrize("config", pos_conv_module._pos_conv_conv.configs,
+                         ids=lambda c: "t{BLOCK_T}_r{BLOCK_R}".format(**c.kwargs))
+def test_every_gpu_tile_config(config):
+    """Each GPU config's tiles for the conv kernel (forward and, flipped, dX) with the GPU's dW tiles,
+    forced on the interpreter (warps and stages change no arithmetic): CG 48 as in UniSpeech-base
+    (a 64-wide channel tile, 16 masked), K * CG = 768 reduction rows, T 200 over 64 / 128-frame tiles."""
+    x = torch.randn(2, 200, 96, device=DEVICE).to(torch.float16)
+    with forced_tiles(pos_conv_module._pos_conv_conv, config.kwargs), \
+            forced_tiles(pos_conv_bwd_module._pos_conv_dw_kernel, pos_conv_bwd_module._DW_CONFIG):
+        check_against_reference(x, *_params(96, 2, 16, torch.float16), 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

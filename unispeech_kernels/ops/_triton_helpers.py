@@ -1,7 +1,9 @@
-"""Small pieces shared by the feature-encoder kernels: exact (erf) GELU and its derivative as
-``@triton.jit`` helpers, launch-size helpers, and the dtype names used by ``aot_specs()``."""
+"""Small pieces shared by the kernels: exact (erf) GELU and its derivative as ``@triton.jit``
+helpers, launch-size helpers, how a kernel's tiles are chosen under the interpreter, and the dtype
+names used by ``aot_specs()``."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -57,6 +59,37 @@ def split_work(n_tiles: int, other_programs: int, device: torch.device):
     splits = max(1, min(n_tiles, triton.cdiv(target_programs(device), max(1, other_programs))))
     per = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, per), per
+
+
+# Under TRITON_INTERPRET autotuning means nothing (it would time CPU runs), so each kernel runs one
+# small tile config there that keeps the interpreted tests fast. A test can force a GPU config
+# instead (``forced_tiles``), to check on the CPU that every config the GPU may pick computes the
+# right answer. Keyed by the kernel object (an Autotuner or a plain JIT function).
+_FORCED_TILES: dict = {}
+
+
+@contextlib.contextmanager
+def forced_tiles(kernel, tiles: dict):
+    """Within the block, interpreted launches of ``kernel`` use ``tiles`` (constexpr tile sizes)."""
+    _FORCED_TILES[id(kernel)] = dict(tiles)
+    try:
+        yield
+    finally:
+        del _FORCED_TILES[id(kernel)]
+
+
+def tile_config(kernel, gpu: dict, interpret: dict) -> dict:
+    """The tiles of an untuned kernel: ``gpu``, or under the interpreter ``interpret`` (or forced)."""
+    return _FORCED_TILES.get(id(kernel), interpret) if interpret_mode() else gpu
+
+
+def launch_tuned(tuned, grid, *args, interpret: dict, **flags):
+    """Launch autotuned kernel ``tuned`` over ``grid(meta)``; under the interpreter, the plain kernel
+    with the ``interpret`` tiles (or the forced ones) and no autotuning."""
+    if not interpret_mode():
+        return tuned[grid](*args, **flags)
+    tiles = _FORCED_TILES.get(id(tuned), interpret)
+    return tuned.fn[grid(tiles)](*args, **flags, **tiles)
 
 
 def bucket(n: int) -> int:

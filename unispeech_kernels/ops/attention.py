@@ -28,9 +28,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
+from .._runtime import interpret_upcast_bf16, triton_device_reason
 from ..dispatch import Op
-from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_BLOCK, SM90_SMEM, _attn_bwd_dkdv_kernel,
+from ._triton_helpers import launch_tuned
+from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_TILES, SM90_SMEM, _attn_bwd_dkdv_kernel,
                             _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
                             _dropout_mask_kernel, _head_dim_mask, _sequence_extent, attn_bwd, dot_precision,
                             prune_by_budget, strides)
@@ -249,11 +250,8 @@ def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: fl
             H, S, softmax_scale * 1.4426950408889634, float(dropout_p), triton.next_power_of_2(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask, PACKED=packed,
                  HAS_DROPOUT=dropout_p > 0.0, UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
-    if interpret_mode():
-        grid = (triton.cdiv(S, INTERPRET_BLOCK), B * H)
-        _attn_fwd_kernel[grid](*args, **flags, BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
-    else:
-        _fwd_tuned[lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)](*args, **flags)
+    launch_tuned(_fwd_tuned, lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
+                 interpret=INTERPRET_TILES)
     return out, lse
 
 

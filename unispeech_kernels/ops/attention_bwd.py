@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import interpret_mode, interpret_upcast_bf16
+from .._runtime import interpret_upcast_bf16
+from ._triton_helpers import launch_tuned
 
 
 @triton.jit
@@ -79,9 +80,8 @@ def _dropout_mask_kernel(
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, dropout_p: float):
     """Debug/test helper: the bool keep-mask [B, H, S, S] the kernels use for ``seed`` ([1] int64)."""
     keep = torch.empty((batch * heads, seq, seq), dtype=torch.uint8, device=seed.device)
-    block = 16 if interpret_mode() else 64
-    grid = (triton.cdiv(seq, block), triton.cdiv(seq, block), batch * heads)
-    _dropout_mask_kernel[grid](keep, seed, seq, float(dropout_p), BLOCK=block)
+    grid = (triton.cdiv(seq, 64), triton.cdiv(seq, 64), batch * heads)
+    _dropout_mask_kernel[grid](keep, seed, seq, float(dropout_p), BLOCK=64)
     return keep.view(batch, heads, seq, seq).bool()
 
 
@@ -307,7 +307,7 @@ BWD_DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
 ]
-INTERPRET_BLOCK = 16  # one small config under TRITON_INTERPRET (autotuning is pointless there)
+INTERPRET_TILES = dict(BLOCK_M=16, BLOCK_N=16)  # under TRITON_INTERPRET (see ``launch_tuned``)
 PREPROCESS_BLOCK_M = 64
 
 
@@ -392,11 +392,10 @@ def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, s
     dv = torch.empty_like(dq)
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
-    pre_m = INTERPRET_BLOCK if interpret_mode() else PREPROCESS_BLOCK_M
     packed = seq_start is not None
-    _attn_bwd_preprocess_kernel[(triton.cdiv(S, pre_m), B * H)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(S, PREPROCESS_BLOCK_M), B * H)](
         out, dout, delta, kv_end if packed else delta, seq_start if packed else delta, *strides(out),
-        *strides(dout), H, S, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, PACKED=packed)
+        *strides(dout), H, S, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d, PACKED=packed)
     has_mask = mask_u8 is not None
     mask_arg = mask_u8 if has_mask else delta
     mask_strides = strides(mask_u8) if has_mask else (0, 0)
@@ -411,11 +410,8 @@ def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, s
                  *mask_strides, *scalars)
     dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dq),
                *mask_strides, *scalars)
-    if interpret_mode():
-        blk = dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(S, INTERPRET_BLOCK), B * H)](*dkdv_args, **flags, **blk)
-        _attn_bwd_dq_kernel[(triton.cdiv(S, INTERPRET_BLOCK), B * H)](*dq_args, **flags, **blk)
-    else:
-        _dkdv_tuned[lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * H)](*dkdv_args, **flags)
-        _dq_tuned[lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)](*dq_args, **flags)
+    launch_tuned(_dkdv_tuned, lambda m: (triton.cdiv(S, m["BLOCK_N"]), B * H), *dkdv_args, **flags,
+                 interpret=INTERPRET_TILES)
+    launch_tuned(_dq_tuned, lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H), *dq_args, **flags,
+                 interpret=INTERPRET_TILES)
     return dq, dk, dv

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 import triton
 
-from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
-from ._triton_helpers import TORCH_TO_TRITON, aot_spec, bucket, target_programs
+from .._runtime import interpret_upcast_bf16, triton_device_reason
+from ._triton_helpers import TORCH_TO_TRITON, aot_spec, bucket, launch_tuned, target_programs
 from .conv_layer_kernels import (_conv_bwd_dw_kernel, _conv_bwd_dx_kernel, _conv_fwd_kernel,
                                  _norm_act_bwd_kernel)
 
@@ -45,13 +45,12 @@ FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128,
                     _cfg(64, 128, 64, 4, 4)]
 DX_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 DW_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
-INTERPRET_CONFIG = _cfg(32, 16, 16, 4, 1)  # small tiles: several N chunks and K blocks at test sizes
+# under TRITON_INTERPRET (see ``launch_tuned``): several N chunks and K blocks at test sizes
+INTERPRET_TILES = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 KEY = ["M_BUCKET", "C_in", "C_out", "KSIZE"]
 
 
 def _prune(configs, named_args, **kwargs):
-    if interpret_mode():
-        return [INTERPRET_CONFIG]
     n = triton.next_power_of_2(named_args["C_out"] if "C_out" in named_args else kwargs["C_out"])
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(n, 128)]
     return kept or configs[:1]
@@ -103,11 +102,12 @@ def conv_layer_fwd(x, weight, bias, norm_weight, norm_bias, stride, norm, eps, s
     else:
         def grid(meta):
             return triton.cdiv(C_out, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
-    kernel[grid](
-        x, w, bias if bias is not None else dummy, norm_weight if norm else dummy,
+    launch_tuned(
+        kernel, grid, x, w, bias if bias is not None else dummy, norm_weight if norm else dummy,
         norm_bias if norm else dummy, out, y if save else out, mean if n_stats else dummy,
         rstd if n_stats else dummy, M, T_out, C_in, C_out, stride, *x.stride(), eps, bucket(M),
-        KSIZE=K, HAS_BIAS=bias is not None, NORM=bool(norm), SAVE=save, **_dot_flags(x.dtype))
+        KSIZE=K, HAS_BIAS=bias is not None, NORM=bool(norm), SAVE=save, **_dot_flags(x.dtype),
+        interpret=INTERPRET_TILES)
     return out, y, mean, rstd
 
 
@@ -142,10 +142,11 @@ def conv_layer_bwd(dout, x, weight, y, mean, rstd, norm_weight, norm_bias, strid
     if need_dx:
         dx = torch.empty(B, T_in, C_in, dtype=x.dtype, device=x.device)
         J = triton.cdiv(T_in, stride)
-        _conv_bwd_dx[lambda meta: (triton.cdiv(C_in, meta["BLOCK_N"]), triton.cdiv(B * J, meta["BLOCK_M"]),
-                                   stride)](
+        launch_tuned(
+            _conv_bwd_dx, lambda meta: (triton.cdiv(C_in, meta["BLOCK_N"]), triton.cdiv(B * J, meta["BLOCK_M"]),
+                                        stride),
             dy, w, dx, B, T_in, T_out, C_in, C_out, J, stride, bucket(B * J), KSIZE=K,
-            **_dot_flags(x.dtype))
+            **_dot_flags(x.dtype), interpret=INTERPRET_TILES)
     # 3. dW: split over rows m, partials summed in fp32 (deterministic)
     dweight = x.new_empty(0)
     if need_dw:
@@ -154,10 +155,11 @@ def conv_layer_bwd(dout, x, weight, y, mean, rstd, norm_weight, norm_bias, strid
         per = triton.cdiv(triton.cdiv(M, splits), 128) * 128
         splits = triton.cdiv(M, per)
         part = torch.empty(splits, K * C_in, C_out, dtype=torch.float32, device=x.device)
-        _conv_bwd_dw[lambda meta: (triton.cdiv(C_out, meta["BLOCK_N"]),
-                                   triton.cdiv(K * C_in, meta["BLOCK_M"]), splits)](
+        launch_tuned(
+            _conv_bwd_dw, lambda meta: (triton.cdiv(C_out, meta["BLOCK_N"]), triton.cdiv(K * C_in, meta["BLOCK_M"]),
+                                        splits),
             x, dy, part, M, T_out, C_in, C_out, stride, *x.stride(), per, bucket(per), KSIZE=K,
-            **_dot_flags(x.dtype))
+            **_dot_flags(x.dtype), interpret=INTERPRET_TILES)
         dweight = part.sum(0).reshape(K, C_in, C_out).permute(2, 1, 0).to(weight.dtype).contiguous()
     return dx, dweight, dbias, dg, dbeta
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._runtime import interpret_mode, interpret_upcast_bf16, triton_device_reason
+from .._runtime import interpret_upcast_bf16, triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
+from ._triton_helpers import launch_tuned
 from .pos_conv_bwd import block_n, gelu_bwd, pos_conv_dw, round_bf16_rtne
 
 
@@ -166,7 +167,7 @@ def _pos_conv_conv_kernel(
 # BLOCK_N is CG rounded up (48 -> 64 base, 64 large), so a program owns one group's channels; at
 # B 8, T 500, 16 groups BLOCK_T 64 gives 8 * 8 * 16 = 1024 programs for 132 SMs.
 _CONV_CONFIGS = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 8, 4)]
-_CONV_CONFIG_INTERPRET = (32, 32, 4, 1)
+_CONV_TILES_INTERPRET = dict(BLOCK_T=32, BLOCK_R=32)  # under TRITON_INTERPRET (see ``launch_tuned``)
 
 
 def _prune_conv_configs(configs, named_args, **kwargs):
@@ -181,7 +182,7 @@ def _even_r(args):
 
 _pos_conv_conv = triton.autotune(
     configs=[triton.Config(dict(BLOCK_T=bt, BLOCK_R=br), num_warps=w, num_stages=s)
-             for bt, br, w, s in ([_CONV_CONFIG_INTERPRET] if interpret_mode() else _CONV_CONFIGS)],
+             for bt, br, w, s in _CONV_CONFIGS],
     key=["T_BUCKET", "CG", "KS"],
     prune_configs_by={"early_config_prune": _prune_conv_configs},
 )(triton.heuristics({"EVEN_R": _even_r})(_pos_conv_conv_kernel))
@@ -214,11 +215,12 @@ def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre, add_res):
     pre = torch.empty_like(out) if store_pre else out
     bn = block_n(cg)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), bsz, groups * triton.cdiv(cg, bn))  # noqa: E731
-    _pos_conv_conv[grid](
-        a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size, kernel_size // 2,
+    launch_tuned(
+        _pos_conv_conv, grid, a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size, kernel_size // 2,
         a.stride(0), a.stride(1), res.stride(0), res.stride(1), _t_bucket(t), CG=cg, FLIP=flip,
         HAS_BIAS=bias is not None, APPLY_GELU=not flip, STORE_PRE=store_pre, ADD_RES=add_res,
-        INTERP_BF16=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn)
+        INTERP_BF16=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn,
+        interpret=_CONV_TILES_INTERPRET)
     return out, (pre if store_pre else None)
 
 
@@ -240,7 +242,8 @@ def pos_conv_bwd(grad, hidden, weight, pre, groups: int, need_dx: bool, need_dw:
     dy = grad.contiguous()
     none = lambda: x.new_empty(0)  # noqa: E731  (a fresh one per slot: custom-op outputs may not alias)
     if x.numel() == 0:
-        return ((dy.clone() if residual else torch.zeros_like(dy)) if need_dx else none(), torch.zeros_like(weight) if need_dw else none(),
+        dx = (dy.clone() if residual else torch.zeros_like(dy)) if need_dx else none()
+        return (dx, torch.zeros_like(weight) if need_dw else none(),
                 x.new_zeros(x.shape[-1]) if need_db else none())
     dpre = gelu_bwd(dy, pre)
     dx = none()

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import interpret_mode, interpret_upcast_bf16
+from .._runtime import interpret_upcast_bf16
+from ._triton_helpers import target_programs, tile_config
 
 # dW tile: (BLOCK_M rows r = k*CG + ci, BLOCK_S frames per step, num_warps, num_stages)
 _DW_CONFIG = dict(BLOCK_M=128, BLOCK_S=64, num_warps=8, num_stages=3)
@@ -139,24 +140,18 @@ def gelu_bwd(dy: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return dpre
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def pos_conv_dw(x, dpre, kernel_size: int, groups: int, compute_db: bool, split=None):
     """dW [C, CG, K] and db [C] (or None) in x's dtype. x [B, T, C] with channel stride 1, dpre
     contiguous. ``split``: frame-block partials (None = enough programs for the device)."""
     bsz, t, c = x.shape
     cg = c // groups
-    cfg = _DW_CONFIG_INTERPRET if interpret_mode() else _DW_CONFIG
+    cfg = tile_config(_pos_conv_dw_kernel, gpu=_DW_CONFIG, interpret=_DW_CONFIG_INTERPRET)
     bn = block_n(cg)
     m_tiles = triton.cdiv(kernel_size * cg, cfg["BLOCK_M"])
     programs = m_tiles * groups * triton.cdiv(cg, bn)
     n_iters = bsz * triton.cdiv(t, cfg["BLOCK_S"])
     if split is None:
-        split = triton.cdiv(_target_programs(x.device), programs)
+        split = triton.cdiv(target_programs(x.device) // 2, programs)  # 2 per SM
     split = max(1, min(split, n_iters))
     iters_per_split = triton.cdiv(n_iters, split)
     split = triton.cdiv(n_iters, iters_per_split)  # no empty programs
