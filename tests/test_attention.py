@@ -192,6 +192,21 @@ def test_dropout_rate_within_binomial_bound():
     assert (keep != other).any(), "a new seed must give a new mask"
 
 
+def test_dropout_neighbours_independent():
+    """Four keys share a Philox draw (one uniform each): neighbouring keys, keys a draw apart and
+    neighbouring queries must agree only at the independent rate p^2 + (1-p)^2; a lane mix-up (a
+    uniform used twice) would make them agree always."""
+    p, S = 0.5, 256
+    keep = dropout_keep_mask(draw_dropout_seed(DEVICE), 2, 2, S, p)
+    rate = p * p + (1 - p) * (1 - p)
+    for name, a, b in [(f"keys {d} apart", keep[..., :-d], keep[..., d:]) for d in (1, 2, 3, 4)] + \
+                      [("neighbouring queries", keep[..., :-1, :], keep[..., 1:, :])]:
+        n = a.numel()
+        agree = (a == b).sum().item() / n
+        sigma = (rate * (1 - rate) / n) ** 0.5
+        assert abs(agree - rate) < 5 * sigma, f"{name}: agree {agree:.4f}, expected {rate} +- {5 * sigma:.4f}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_forward_backward_match_reference_with_kernel_mask(dtype):
     """The mask regenerated from the seed the op drew reproduces its output and all gradients."""

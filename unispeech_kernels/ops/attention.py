@@ -11,8 +11,9 @@ skipped and query blocks past it exit early. With PACKED the same kernels read s
 to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query rows as zeros:
 gradients through them are zero (the torch backend returns attention over real keys there; both
 are within the contract "any finite value").
-Dropout: one Philox draw per (batch*head, query, key) from a seed drawn on the device with torch's
-generator (``torch.manual_seed`` reproduces it), saved for the backward, which regenerates the mask.
+Dropout: a uniform per (batch*head, query, key), one Philox draw (four uniforms) per four consecutive
+keys of a query, from a seed drawn on the device with torch's generator (``torch.manual_seed``
+reproduces it), saved for the backward, which regenerates the mask.
 
 File order: torch reference -> Triton kernels -> launchers -> torch.library ops + autograd ->
 backends -> functional entry point -> ``aot_specs``.
@@ -178,7 +179,7 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(qk * qk_scale - m_ref[:, None])  # one FMA per score, not a multiply and a subtract
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, S, rows[:, None], cols[None, :], dropout_p)
+            keep = _dropout_keep(seed, bh, S, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * keep_scale, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_ok[:, None] & d_ok, other=0.0)
         if UPCAST:
