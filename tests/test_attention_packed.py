@@ -40,19 +40,25 @@ def _out_and_grads(fn, q, k, v, grad):
     return out, torch.autograd.grad(out, (q, k, v), grad)
 
 
+def _assert_matches_reference(out, grads, q, k, v, grad, lengths):
+    """out and dq, dk, dv within the tolerance of the fp64 masked reference (eager same-dtype error
+    as the baseline)."""
+    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*(x.double() for x in t), lengths, upcast=True),
+                                    q, k, v, grad)
+    eager, eager_grads = _out_and_grads(lambda *t: _masked_reference(*t, lengths), q, k, v, grad)
+    assert_error_within(out, ref, eager, q.dtype, "out")
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        assert_error_within(g, rg.to(g.dtype), eg, q.dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [24, 64])
 def test_triton_matches_fp64_reference(dtype, head_dim):
     q, k, v = _packed_qkv(LENGTHS, 2, head_dim, dtype)
     grad = torch.randn_like(q)
     out, grads = _out_and_grads(lambda *t: attention_packed(*t, LENGTHS, backend="triton"), q, k, v, grad)
-    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*(x.double() for x in t), LENGTHS, upcast=True),
-                                    q, k, v, grad)
-    eager, eager_grads = _out_and_grads(lambda *t: _masked_reference(*t, LENGTHS), q, k, v, grad)
     assert out.shape == q.shape and out.dtype == dtype
-    assert_error_within(out, ref, eager, dtype, "out")
-    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
-        assert_error_within(g, rg.to(g.dtype), eg, dtype, name)
+    _assert_matches_reference(out, grads, q, k, v, grad, LENGTHS)
 
 
 @pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
@@ -64,12 +70,7 @@ def test_every_gpu_tile_config(i):
     grad = torch.randn_like(q)
     with gpu_tiles(i):
         out, grads = _out_and_grads(lambda *t: attention_packed(*t, lengths, backend="triton"), q, k, v, grad)
-    ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*(x.double() for x in t), lengths, upcast=True),
-                                    q, k, v, grad)
-    eager, eager_grads = _out_and_grads(lambda *t: _masked_reference(*t, lengths), q, k, v, grad)
-    assert_error_within(out, ref, eager, torch.float16, "out")
-    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
-        assert_error_within(g, rg.to(g.dtype), eg, torch.float16, name)
+    _assert_matches_reference(out, grads, q, k, v, grad, lengths)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -190,9 +191,4 @@ def test_gpu_model_shape_bf16(dropout_p):
     for name, g, w in zip("qkv", grads, want_grads):
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2, msg=name)
     if dropout_p == 0.0:
-        ref, ref_grads = _out_and_grads(lambda *t: _masked_reference(*(x.double() for x in t), lengths, upcast=True),
-                                        q, k, v, grad)
-        eager, eager_grads = _out_and_grads(lambda *t: _masked_reference(*t, lengths), q, k, v, grad)
-        assert_error_within(out, ref, eager, torch.bfloat16, "out")
-        for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
-            assert_error_within(g, rg.to(g.dtype), eg, torch.bfloat16, name)
+        _assert_matches_reference(out, grads, q, k, v, grad, lengths)
