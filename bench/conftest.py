@@ -90,8 +90,9 @@ def pytest_sessionfinish(session, exitstatus):
     directory = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "bench", "results")
     os.makedirs(directory, exist_ok=True)
     path = results_path(rec.info, directory)
+    from unispeech_kernels.ops._triton_helpers import tuned_choices
     doc = dict(rec.info, date=datetime.datetime.now().isoformat(timespec="seconds"), profile=cases.profile(),
-               wall_s=round(rec.elapsed(), 1), rows=rec.rows)
+               wall_s=round(rec.elapsed(), 1), rows=rec.rows, autotune=tuned_choices())
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"\nbench: wrote {len(rec.rows)} rows to {os.path.relpath(path, ROOT)}", flush=True)

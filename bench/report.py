@@ -131,12 +131,31 @@ def all_rows_table(doc) -> str:
     return "\n".join(lines)
 
 
+def autotune_table(doc) -> str:
+    """How often each config won, per autotuned kernel ("" when the run autotuned nothing)."""
+    lines = []
+    for name, entry in sorted((doc.get("autotune") or {}).items()):
+        wins = OrderedDict()
+        for pick in entry["picks"]:
+            cfg = ", ".join(f"{k}={v}" for k, v in pick["config"].items())
+            wins[cfg] = wins.get(cfg, 0) + 1
+        for cfg, n in sorted(wins.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {cfg} | {n} of {len(entry['picks'])} |")
+    if not lines:
+        return ""
+    return "\n".join(["### Autotune picks", "",
+                      "Which config won per key met (key: " + "; ".join(
+                          f"{n} = {', '.join(e['key_names'])} + dtypes" for n, e in sorted(doc["autotune"].items()))
+                      + ").", "", "| kernel | config | keys won |", "|---|---|---|", *lines])
+
+
 def markdown(doc) -> str:
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         f"## Benchmark results: {doc['device']}", header(doc),
         "Speed-up = baseline median / our median (> 1: ours faster). % of floor = max(FLOPs / peak, "
         "bytes / bandwidth) / measured time, on real (unpadded) work (bench/physics.py).",
-        "### Summary", summary_table(doc), ratio_tables(doc), "### Every row", all_rows_table(doc)]) + "\n"
+        "### Summary", summary_table(doc), ratio_tables(doc), "### Every row", all_rows_table(doc),
+        autotune_table(doc)] if part) + "\n"
 
 
 IMPL_COLORS = dict(triton="tab:blue", cuda="tab:purple", ours="tab:blue", torch="tab:gray", sdpa="tab:orange",

@@ -165,7 +165,11 @@ CANNED = dict(device="NVIDIA H100 80GB HBM3", date="2026-11-24T10:00:00", commit
                     _row("e2e_inference", "ours", "base B8 10s", 10.0, rel_diff=1e-3, max_abs_diff=2e-3,
                          vs="hf_sdpa"),
                     _row("e2e_inference", "hf_sdpa", "base B8 10s", 12.0),
-                    _row("e2e_inference", "hf_compile", "base B8 10s", 11.0)])
+                    _row("e2e_inference", "hf_compile", "base B8 10s", 11.0)],
+              autotune={"attention_fwd": {"key_names": ["S_BUCKET", "HEAD_DIM"], "picks": [
+                  {"key": ["512", "64", "torch.bfloat16"], "config": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)},
+                  {"key": ["1024", "64", "torch.bfloat16"], "config": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)},
+                  {"key": ["2048", "64", "torch.bfloat16"], "config": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)}]}})
 
 
 def test_report_markdown_ratios_and_png(tmp_path, capsys):
@@ -183,6 +187,9 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     assert "| base S499 | bfloat16 | triton | 1.000 | 300 | 38 | – | 1.50x | 2.00x | 4.00x |" in md
     assert "| base B8 10s | bfloat16 | ours | 10.000 | – | – | – | 1.10x | 1.20x |" in md
     assert "unavailable: not built" in md and "rel diff 1.0e-03" in md
+    assert "### Autotune picks" in md and "attention_fwd = S_BUCKET, HEAD_DIM + dtypes" in md
+    assert "| attention_fwd | BLOCK_M=128, BLOCK_N=64, num_warps=8 | 2 of 3 |" in md
+    assert "| attention_fwd | BLOCK_M=64, BLOCK_N=32, num_warps=4 | 1 of 3 |" in md
     png = (out / (path.stem + ".png")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert md.strip() in capsys.readouterr().out
@@ -190,6 +197,26 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     assert report.main([str(path), "--out", str(out), "--summary", "--no-plot"]) == 0
     summary = capsys.readouterr().out
     assert "1.50x" in summary and "### Every row" not in summary and "1 row(s) failed" in summary
+
+
+def test_tuned_choices_reports_what_each_autotuner_picked():
+    """Every autotuned kernel is registered, and a pick in an autotuner's cache (as a GPU run leaves
+    it) comes back with its key and config; a report of a run that tuned nothing has no section."""
+    import unispeech_kernels  # noqa: F401  (imports every op)
+    from unispeech_kernels.ops.attention import FWD_CONFIGS
+    from unispeech_kernels.ops._triton_helpers import AUTOTUNED, tuned_choices
+    assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
+                              "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}
+    tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, "torch.bfloat16")
+    tuned.cache[key] = FWD_CONFIGS[1]
+    try:
+        got = tuned_choices()["attention_fwd"]
+    finally:
+        del tuned.cache[key]
+    assert got["key_names"] == ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]
+    assert {"key": ["1024", "64", "True", "True", "False", "torch.bfloat16"],
+            "config": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)} in got["picks"]
+    assert report.autotune_table(dict(CANNED, autotune={})) == ""
 
 
 def test_report_puts_a_gpu_summary_into_the_readme(tmp_path):

@@ -83,6 +83,34 @@ def tile_config(kernel, gpu: dict, interpret: dict) -> dict:
     return _FORCED_TILES.get(id(kernel), interpret) if interpret_mode() else gpu
 
 
+AUTOTUNED: dict = {}  # name -> triton Autotuner, every kernel made by ``autotuned``
+
+
+def autotuned(name: str, configs, key, prune=None):
+    """``triton.autotune`` with ``configs`` keyed on the argument names ``key``, registered under
+    ``name`` so that ``tuned_choices`` can report which config won for each key."""
+    def wrap(kernel):
+        tuned = triton.autotune(configs, key=key,
+                                prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+        AUTOTUNED[name] = tuned
+        return tuned
+    return wrap
+
+
+def tuned_choices() -> dict:
+    """{kernel name: [{"key": [...], "config": {...}}, ...]}: the config each autotuned kernel picked
+    for each key it met in this process (key = the key arguments' values, then the tensor dtypes).
+    Benchmarks store it with their results, so the config lists can follow what wins on a GPU."""
+    out = {}
+    for name, tuned in AUTOTUNED.items():
+        picks = [{"key": [str(k) for k in key],
+                  "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)}
+                 for key, cfg in tuned.cache.items()]
+        if picks:
+            out[name] = {"key_names": list(tuned.keys), "picks": picks}
+    return out
+
+
 def launch_tuned(tuned, grid, *args, interpret: dict, **flags):
     """Launch autotuned kernel ``tuned`` over ``grid(meta)``; under the interpreter, the plain kernel
     with the ``interpret`` tiles (or the forced ones) and no autotuning."""

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._runtime import interpret_upcast_bf16, triton_device_reason
 from ..dispatch import Op
-from ._triton_helpers import launch_tuned
+from ._triton_helpers import autotuned, launch_tuned
 from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_TILES, SM90_SMEM, _attn_bwd_dkdv_kernel,
                             _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
                             _dropout_mask_kernel, _head_dim_mask, _sequence_extent, attn_bwd, dot_precision,
@@ -210,8 +210,8 @@ def _fwd_prune(configs, named_args, **kwargs):
                            max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
 
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"],
-                             prune_configs_by={"early_config_prune": _fwd_prune})(_attn_fwd_kernel)
+_fwd_tuned = autotuned("attention_fwd", FWD_CONFIGS, ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"],
+                       _fwd_prune)(_attn_fwd_kernel)
 
 
 def prefix_lengths(mask: torch.Tensor) -> Optional[List[int]]:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import interpret_upcast_bf16
-from ._triton_helpers import launch_tuned
+from ._triton_helpers import autotuned, launch_tuned
 
 
 @triton.jit
@@ -371,10 +371,8 @@ def _bwd_prune(resident: str, n_acc: int):
 
 
 _KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]
-_dkdv_tuned = triton.autotune(BWD_DKDV_CONFIGS, key=_KEY,
-                              prune_configs_by={"early_config_prune": _bwd_prune("BLOCK_N", 2)})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(BWD_DQ_CONFIGS, key=_KEY,
-                            prune_configs_by={"early_config_prune": _bwd_prune("BLOCK_M", 1)})(_attn_bwd_dq_kernel)
+_dkdv_tuned = autotuned("attention_bwd_dkdv", BWD_DKDV_CONFIGS, _KEY, _bwd_prune("BLOCK_N", 2))(_attn_bwd_dkdv_kernel)
+_dq_tuned = autotuned("attention_bwd_dq", BWD_DQ_CONFIGS, _KEY, _bwd_prune("BLOCK_M", 1))(_attn_bwd_dq_kernel)
 
 
 def strides(t):

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .._runtime import interpret_upcast_bf16, triton_device_reason
-from ._triton_helpers import TORCH_TO_TRITON, aot_spec, bucket, launch_tuned, target_programs
+from ._triton_helpers import TORCH_TO_TRITON, aot_spec, autotuned, bucket, launch_tuned, target_programs
 from .conv_layer_kernels import (_conv_bwd_dw_kernel, _conv_bwd_dx_kernel, _conv_fwd_kernel,
                                  _norm_act_bwd_kernel)
 
@@ -56,14 +56,10 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _tuned(kernel, configs):
-    return triton.autotune(configs=configs, key=KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-_conv_fwd = _tuned(_conv_fwd_kernel, FWD_CONFIGS)
-_conv_fwd_norm = _tuned(_conv_fwd_kernel, FWD_NORM_CONFIGS)
-_conv_bwd_dx = _tuned(_conv_bwd_dx_kernel, DX_CONFIGS)
-_conv_bwd_dw = _tuned(_conv_bwd_dw_kernel, DW_CONFIGS)
+_conv_fwd = autotuned("conv_layer_fwd", FWD_CONFIGS, KEY, _prune)(_conv_fwd_kernel)
+_conv_fwd_norm = autotuned("conv_layer_fwd_norm", FWD_NORM_CONFIGS, KEY, _prune)(_conv_fwd_kernel)
+_conv_bwd_dx = autotuned("conv_layer_bwd_dx", DX_CONFIGS, KEY, _prune)(_conv_bwd_dx_kernel)
+_conv_bwd_dw = autotuned("conv_layer_bwd_dw", DW_CONFIGS, KEY, _prune)(_conv_bwd_dw_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers

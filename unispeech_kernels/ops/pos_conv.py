@@ -32,7 +32,7 @@ import triton.language as tl
 from .._runtime import interpret_upcast_bf16, triton_device_reason
 from ..activations import get_activation
 from ..dispatch import Op
-from ._triton_helpers import launch_tuned
+from ._triton_helpers import autotuned, launch_tuned
 from .pos_conv_bwd import block_n, gelu_bwd, pos_conv_dw, round_bf16_rtne
 
 
@@ -180,11 +180,10 @@ def _even_r(args):
     return args["KS"] * args["CG"] % args["BLOCK_R"] == 0
 
 
-_pos_conv_conv = triton.autotune(
-    configs=[triton.Config(dict(BLOCK_T=bt, BLOCK_R=br), num_warps=w, num_stages=s)
-             for bt, br, w, s in _CONV_CONFIGS],
-    key=["T_BUCKET", "CG", "KS"],
-    prune_configs_by={"early_config_prune": _prune_conv_configs},
+_pos_conv_conv = autotuned(
+    "pos_conv_conv",
+    [triton.Config(dict(BLOCK_T=bt, BLOCK_R=br), num_warps=w, num_stages=s) for bt, br, w, s in _CONV_CONFIGS],
+    ["T_BUCKET", "CG", "KS"], _prune_conv_configs,
 )(triton.heuristics({"EVEN_R": _even_r})(_pos_conv_conv_kernel))
 
 
