@@ -98,8 +98,9 @@ def autotuned(name: str, configs, key, prune=None):
 
 
 def tuned_choices() -> dict:
-    """{kernel name: [{"key": [...], "config": {...}}, ...]}: the config each autotuned kernel picked
-    for each key it met in this process (key = the key arguments' values, then the tensor dtypes).
+    """{kernel name: {"key_names": [...], "picks": [{"key": [...], "config": {...}}, ...]}}: the config
+    each autotuned kernel picked for each key it met in this process (key = the key arguments'
+    values, then the tensor dtypes); kernels that tuned nothing are left out.
     Benchmarks store it with their results, so the config lists can follow what wins on a GPU."""
     out = {}
     for name, tuned in AUTOTUNED.items():
