@@ -76,10 +76,10 @@ def _dropout_mask_kernel(
     BLOCK: tl.constexpr,  # tile edge
 ):
     bh = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(tl.load(Seed), bh, S, tl.program_id(0) * BLOCK, tl.program_id(1) * BLOCK, dropout_p,
-                         BLOCK, BLOCK)
+    q0, k0 = tl.program_id(0) * BLOCK, tl.program_id(1) * BLOCK
+    rows = q0 + tl.arange(0, BLOCK)
+    cols = k0 + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(Seed), bh, S, q0, k0, dropout_p, BLOCK, BLOCK)
     ptrs = Keep + bh.to(tl.int64) * S * S + rows[:, None] * S + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < S) & (cols[None, :] < S))
 

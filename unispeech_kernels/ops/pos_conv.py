@@ -215,8 +215,8 @@ def _launch_conv(a, w_r, bias, res, kernel_size, *, flip, store_pre, add_res):
     bn = block_n(cg)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]), bsz, groups * triton.cdiv(cg, bn))  # noqa: E731
     launch_tuned(
-        _pos_conv_conv, grid, a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size, kernel_size // 2,
-        a.stride(0), a.stride(1), res.stride(0), res.stride(1), _t_bucket(t), CG=cg, FLIP=flip,
+        _pos_conv_conv, grid, a, w_r, bias if bias is not None else w_r, res, out, pre, t, c, kernel_size,
+        kernel_size // 2, a.stride(0), a.stride(1), res.stride(0), res.stride(1), _t_bucket(t), CG=cg, FLIP=flip,
         HAS_BIAS=bias is not None, APPLY_GELU=not flip, STORE_PRE=store_pre, ADD_RES=add_res,
         INTERP_BF16=interpret_upcast_bf16(a.dtype), IEEE=a.dtype == torch.float32, BLOCK_N=bn,
         interpret=_CONV_TILES_INTERPRET)
