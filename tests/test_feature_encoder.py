@@ -91,14 +91,10 @@ def _conv_layer_reference(x, w, b, stride, norm_mode, g, beta):
     return torch.nn.functional.gelu(y)
 
 
-@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
-@pytest.mark.parametrize("norm_mode", ["none", "layer"])
-@pytest.mark.parametrize("i", range(4))
-def test_every_gpu_tile_config(i, norm_mode):
-    """The i-th autotune config of each GEMM kernel (forward, LayerNorm forward, dX, dW; cycling
-    through the shorter lists) forced on the interpreter: the GPU's tile sizes (warps and stages
-    change no arithmetic). 160 channels (a 256-wide tile masks 96, a 64-wide one takes three
-    chunks), K * C_in = 480 (7.5 K-steps of 64), B * T 2 x 99 rows (a partial second 128-row tile)."""
+def check_conv_layer(norm_mode):
+    """The Triton conv layer (output, d_input, d_weight, d_bias, d_norm_*) vs the fp64 reference, fp16:
+    160 channels (a 256-wide tile masks 96, a 64-wide one takes three chunks), K * C_in = 480
+    (7.5 K-steps of 64), B * T 2 x 99 rows (a partial second 128-row tile)."""
     tensors = [torch.randn(2, 199, 160), torch.randn(160, 160, 3) / 20, 0.3 * torch.randn(160)]
     if norm_mode == "layer":
         tensors += [1 + 0.2 * torch.randn(160), 0.2 * torch.randn(160)]
@@ -109,16 +105,26 @@ def test_every_gpu_tile_config(i, norm_mode):
         out = fn(*leaves[:3], 2, norm_mode, *(leaves[3:] or [None, None]))
         return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
 
-    with contextlib.ExitStack() as stack:
-        for gemm in ("fwd", "fwd_norm", "bwd_dx", "bwd_dw"):
-            tuned = getattr(conv_layer_module, f"_conv_{gemm}")
-            stack.enter_context(forced_tiles(tuned, tuned.configs[i % len(tuned.configs)].kwargs))
-        got = run(conv_layer_module.conv_layer, torch.float16)
+    got = run(conv_layer_module.conv_layer, torch.float16)
     gold, eager = run(_conv_layer_reference, torch.float64), run(_conv_layer_reference, torch.float16)
     names = ["output", "d_input", "d_weight", "d_bias", "d_norm_weight", "d_norm_bias"]
     assert len(got) == len(tensors) + 1
     for name, a, r, e in zip(names, got, gold, eager):
         assert_error_within(a, r, e, torch.float16, name)
+
+
+@pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
+@pytest.mark.parametrize("norm_mode", ["none", "layer"])
+@pytest.mark.parametrize("i", range(4))
+def test_every_gpu_tile_config(i, norm_mode):
+    """The i-th autotune config of each GEMM kernel (forward, LayerNorm forward, dX, dW; cycling
+    through the shorter lists) forced on the interpreter: the GPU's tile sizes (warps and stages
+    change no arithmetic)."""
+    with contextlib.ExitStack() as stack:
+        for gemm in ("fwd", "fwd_norm", "bwd_dx", "bwd_dw"):
+            tuned = getattr(conv_layer_module, f"_conv_{gemm}")
+            stack.enter_context(forced_tiles(tuned, tuned.configs[i % len(tuned.configs)].kwargs))
+        check_conv_layer(norm_mode)
 
 
 def test_receptive_field_gives_one_frame():
