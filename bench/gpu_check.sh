@@ -86,9 +86,10 @@ BUILD_PID=$!
 
 # 2. every test file with GPU tensors, on the GPU (the extension's tests wait for its build)
 if wanted tests; then
-    step "kernel tests on CUDA" "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider -rfE \
+    # --durations: the slowest tests (Triton compiles and autotuning included), to size this step's cap
+    step "kernel tests on CUDA" "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 \
         "${XDIST[@]}" tests/test_attention.py tests/test_attention_packed.py tests/test_pos_conv.py tests/test_feature_encoder.py \
-        tests/test_first_conv_layer.py tests/test_transformers_attention.py tests/test_gpu_model.py
+        tests/test_first_conv_layer.py tests/test_transformers_attention.py tests/test_gpu_model.py tests/test_autotune_path.py
 fi
 
 # 3. the extension: build result, backend info, its GPU tests

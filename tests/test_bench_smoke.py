@@ -3,6 +3,7 @@ numbers, a result row from the harness, error rows for failing implementations, 
 canned results file into markdown ratios and a PNG, and `python -m unispeech.run` on a tiny model."""
 import json
 import os
+import pathlib
 import re
 
 import pytest
@@ -274,3 +275,20 @@ def test_run_main_job_on_a_tiny_checkpoint(tmp_path, capsys):
     assert "unavailable" in rows["cuda"] or float(rows["cuda"].split()[4]) <= 1e-5
     match = re.search(r"vs transformers .*-> ours ([\d.]+)x as fast, max \|diff\| ([\d.e+-]+)", out)
     assert match and float(match.group(2)) <= 1e-5
+
+
+# test files with GPU tensors that gpu_check leaves to other steps: the extension's tests run in their
+# own step; the benchmarks verify every implementation themselves at the benchmarked shapes
+GPU_CHECK_ELSEWHERE = {"test_cuda_ext.py", "test_bench_verify.py"}
+
+
+def test_gpu_check_runs_every_gpu_test_file():
+    """A new test file that puts tensors on the GPU must not be forgotten by gpu_check's test step."""
+    tests_dir = os.path.join(ROOT, "tests")
+    gpu_tensors = re.compile(r"^DEVICE = .*cuda\.is_available\(\)|pytest\.mark\.gpu", re.M)
+    on_gpu = {name for name in os.listdir(tests_dir) if name.startswith("test_") and name.endswith(".py")
+              and gpu_tensors.search(pathlib.Path(tests_dir, name).read_text())}
+    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
+        listed = set(re.findall(r"tests/(test_\w+\.py)", f.read()))
+    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)}"
+    assert GPU_CHECK_ELSEWHERE - {"test_bench_verify.py"} <= listed
