@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from bench import (cases, harness, test_attention, test_attention_packed, test_feature_encoder, test_first_conv_layer,
-                   test_pos_conv)
+from bench import (cases, harness, report, test_attention, test_attention_packed, test_feature_encoder,
+                   test_first_conv_layer, test_pos_conv)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [1680, 1200]  # samples: 5 and 3 frames after the conv stack, 335 / 239 after layer 0
@@ -29,9 +29,13 @@ def recorder(monkeypatch):
 
 
 def _check(rec):
+    """The case's one row: no error, ours matches the baseline, and the report renders it."""
     (row,) = rec.rows
     assert row["error"] is None, row["error"]
     assert row["outputs_match"] is True and row["rel_diff"] < row["match_tol"], row
+    baseline = dict(row, impl="torch", rel_diff=None, vs=None, outputs_match=None)
+    text = report.markdown(dict(rec.info, date="today", profile="check", rows=[row, baseline]))
+    assert f"rel diff {row['rel_diff']:.1e}" in text
     return row
 
 
