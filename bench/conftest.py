@@ -1,5 +1,5 @@
 """Benchmark session: one Recorder collects a row per case (from pytest-benchmark's own timings, see
-harness.py) and, at the end of the session, writes bench/results/<YYYY-MM-DD>_<device-slug>.json.
+harness.py) into bench/results/<YYYY-MM-DD>_<device-slug>.json, rewritten after every case.
 
 Environment: BENCH_PROFILE (cases.py), BENCH_BUDGET_S (skip the cases left once this many seconds
 have passed; `make gpu-check` sets it), BENCH_RESULTS_DIR (default bench/results).
@@ -83,16 +83,32 @@ def results_path(info: dict, directory: str) -> str:
     return path
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _write_results():
+    """(Re)write this session's results file with every row so far: after each case, so that a run
+    killed from outside keeps what it measured, and at the end."""
     rec = _STATE.get("recorder")
     if rec is None or not rec.rows:
-        return
-    directory = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "bench", "results")
-    os.makedirs(directory, exist_ok=True)
-    path = results_path(rec.info, directory)
+        return None
+    if "path" not in _STATE:  # the file is named once, at the session's first row
+        directory = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "bench", "results")
+        os.makedirs(directory, exist_ok=True)
+        _STATE["path"] = results_path(rec.info, directory)
     from unispeech_kernels.ops._triton_helpers import tuned_choices
     doc = dict(rec.info, date=datetime.datetime.now().isoformat(timespec="seconds"), profile=cases.profile(),
                wall_s=round(rec.elapsed(), 1), rows=rec.rows, autotune=tuned_choices())
-    with open(path, "w") as f:
+    tmp = _STATE["path"] + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"\nbench: wrote {len(rec.rows)} rows to {os.path.relpath(path, ROOT)}", flush=True)
+    os.replace(tmp, _STATE["path"])  # never a half-written file
+    return _STATE["path"]
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _write_results()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = _write_results()
+    if path:
+        rows = len(_STATE["recorder"].rows)
+        print(f"\nbench: wrote {rows} rows to {os.path.relpath(path, ROOT)}", flush=True)

@@ -13,7 +13,7 @@
 #   3. the extension's own GPU tests, once its build has finished;
 #   4. the benchmarks (profile "check": each issue's goal shapes, ordered by priority) with the time
 #      that is left; cases past the budget become "skipped: time budget" rows;
-#   5. results JSON + markdown + PNG, copied to $OUT when set, and a short summary table printed last.
+#   5. results JSON (in $OUT when set) + markdown + PNG beside it, and a short summary table printed last.
 # Every step's output also goes to gpu_check.log ($OUT/gpu_check.log when $OUT is set).
 #
 # Knobs: GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (default "tests,cuda-tests,bench"; e.g. "bench" for a
@@ -110,13 +110,16 @@ if wanted cuda-tests && [ "$BUILD_RC" -eq 0 ]; then
         tests/test_cuda_ext.py
 fi
 
-# 4. benchmarks with what is left, minus 40 s for the report
+# 4. benchmarks with what is left, minus 60 s for the case in flight at the budget and the report.
+# The results file is rewritten after every case, straight into $OUT when set (nothing lost if the
+# command is killed from outside).
+RESULTS_DIR=${BENCH_RESULTS_DIR:-${OUT:-bench/results}}
 if wanted bench; then
-    LEFT=$(( $(left) - 40 ))
+    LEFT=$(( $(left) - 60 ))
     if [ "$LEFT" -lt 45 ]; then LEFT=45; fi
     SELECT=(); [ -n "${BENCH_SELECT:-}" ] && SELECT=(-k "$BENCH_SELECT")
-    BENCH_PROFILE=${BENCH_PROFILE:-check} BENCH_BUDGET_S=$LEFT \
-        step "benchmarks" $(( LEFT + 60 )) "$PY" -m pytest -q -p no:cacheprovider \
+    BENCH_PROFILE=${BENCH_PROFILE:-check} BENCH_BUDGET_S=$LEFT BENCH_RESULTS_DIR=$RESULTS_DIR \
+        step "benchmarks" $(( LEFT + 40 )) "$PY" -m pytest -q -p no:cacheprovider \
             --benchmark-columns=min,median,max,rounds --benchmark-sort=name "${SELECT[@]}" \
             bench/test_attention.py bench/test_attention_packed.py bench/test_pos_conv.py \
             bench/test_first_conv_layer.py bench/test_feature_encoder.py bench/test_e2e.py \
@@ -126,14 +129,15 @@ fi
 # 5. results, report, summary
 SUMMARY="(no benchmarks run)"
 if wanted bench; then
-    RESULT=$(find "${BENCH_RESULTS_DIR:-bench/results}" -maxdepth 1 -name '*.json' -newer "$MARK" 2>/dev/null | sort | tail -1)
+    RESULT=$(find "$RESULTS_DIR" -maxdepth 1 -name '*.json' -newer "$MARK" 2>/dev/null | sort | tail -1)
     if [ -z "$RESULT" ]; then
         STEPS+=("results:               FAILED (no results file written)"); FAILED=1
         SUMMARY="(no results)"
-    else
-        SUMMARY=$("$PY" -m bench.report --summary "$RESULT")
+    elif SUMMARY=$("$PY" -m bench.report --summary "$RESULT"); then
         STEPS+=("results:               $RESULT (+ .md, .png)")
-        if [ -n "${OUT:-}" ]; then cp "${RESULT%.json}".* "$OUT"/; fi
+    else
+        STEPS+=("results:               $RESULT, but the report FAILED (see above)"); FAILED=1
+        SUMMARY="(no summary: the report failed)"
     fi
 fi
 rm -rf "$MARK" "$TMPD"
