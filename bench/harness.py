@@ -20,6 +20,7 @@ How a case is timed (pytest-benchmark is the timer and the single source of the 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import os
@@ -38,6 +39,7 @@ import torch
 
 from . import physics
 from .cases import TIMING
+from .report import OUR_IMPLS  # ours (verified; a failure fails the run), everything else a baseline
 
 try:
     from unispeech_kernels import BackendUnavailableError
@@ -45,8 +47,6 @@ except Exception:  # the suite still times the baselines when our package does n
     class BackendUnavailableError(RuntimeError):
         pass
 
-OUR_IMPLS = ("triton", "cuda", "ours")  # everything else is a baseline
-VERIFIED_IMPLS = OUR_IMPLS + ("hf_patched",)  # results checked against a baseline (our kernels run in them)
 
 
 def cpu_name() -> str:
@@ -101,8 +101,7 @@ def device_info(root: str) -> dict:
         info["capability"] = f"{props.major}.{props.minor}"
         info["l2_bytes"] = getattr(props, "L2_cache_size", None)
         peak = physics.peak_for(name)
-        info["peak"] = None if peak is None else {"tensor_tflops": peak.tensor_tflops, "fp32_tflops": peak.fp32_tflops,
-                                                   "tbps": peak.tbps, "source": peak.source}
+        info["peak"] = None if peak is None else dataclasses.asdict(peak)
     return info
 
 
@@ -296,7 +295,7 @@ class Recorder:
         """Time fn(*s) over the rotating input sets; record a row. Unavailable backends and failing
         baselines become error rows and skip the test; a failing implementation of ours fails it.
         ``verify``: () -> {"rel_diff", "vs" (the baseline's name), optional "tol" (default MATCH_REL_TOL
-        of the dtype), anything else to record}, run once untimed after the timing for VERIFIED_IMPLS
+        of the dtype), anything else to record}, run once untimed after the timing for OUR_IMPLS
         (baselines pass it too and it is skipped); a result over the tolerance turns the row into an
         error and fails the test."""
         if self.over_budget():
@@ -328,7 +327,7 @@ class Recorder:
                                warmup_rounds=knobs["warmup_rounds"])
             if device.type == "cuda":
                 mem = peak_memory_mb(lambda: fn(*input_sets[0]), device)
-            if verify is not None and case.impl in VERIFIED_IMPLS:
+            if verify is not None and case.impl in OUR_IMPLS:
                 result = dict(verify())
                 tol = result.pop("tol", MATCH_REL_TOL[case.dtype_name])
                 case.extra.update(result, match_tol=tol, outputs_match=result["rel_diff"] <= tol)

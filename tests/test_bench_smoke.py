@@ -76,7 +76,8 @@ def test_harness_unavailable_backend_is_a_row(benchmark):
 
 
 @pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
-def test_harness_failing_baseline_is_skipped_but_ours_fails(benchmark):
+@pytest.mark.parametrize("ours", report.OUR_IMPLS)
+def test_harness_failing_baseline_is_skipped_but_ours_fails(benchmark, ours):
     rec = harness.Recorder(ROOT, None, 2)
 
     def broken(x):
@@ -85,7 +86,7 @@ def test_harness_failing_baseline_is_skipped_but_ours_fails(benchmark):
     with pytest.raises(pytest.skip.Exception):
         rec.run(benchmark, _case("flex"), broken, [(torch.ones(1),)], torch.device("cpu"))
     with pytest.raises(RuntimeError, match="kernel exploded"):
-        rec.run(benchmark, _case("triton"), broken, [(torch.ones(1),)], torch.device("cpu"))
+        rec.run(benchmark, _case(ours), broken, [(torch.ones(1),)], torch.device("cpu"))
     assert [r["error"] for r in rec.rows] == ["error: RuntimeError: kernel exploded"] * 2
 
 
