@@ -17,22 +17,25 @@ floor / measured time in percent ("how close to the device's limit", 100 = at th
 Ceilings: the numbers MEASURED on this project's GPU machines (design.md: an 8192^3 bf16 matmul
 through torch, a large device-to-device copy counting read + write), not datasheet numbers: H100
 SXM ~790 TFLOP/s bf16/fp16 dense (datasheet 989), ~3.0 TB/s HBM (datasheet 3.35); H200 the same
-tensor rate and ~4.3 TB/s. Other GPUs use datasheet values, marked "spec". CPUs: no ceiling, we report
-times and ratios only.
+tensor rate and ~4.3 TB/s (datasheet 4.8). The report's header gives the datasheet numbers beside
+them, so TFLOP/s columns can be read against either. Other GPUs use datasheet values, marked "spec".
+CPUs: no ceiling, we report times and ratios only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-# (substring of torch.cuda.get_device_name(), tensor TFLOP/s bf16/fp16 dense, fp32 TFLOP/s, TB/s, source)
+# (substring of torch.cuda.get_device_name(), tensor TFLOP/s bf16/fp16 dense, fp32 TFLOP/s, TB/s, source,
+#  datasheet tensor TFLOP/s bf16/fp16 dense, datasheet TB/s); the first matching substring wins
 PEAKS = (
-    ("H200", 790.0, 67.0, 4.3, "measured (design.md)"),
-    ("H100", 790.0, 67.0, 3.0, "measured (design.md)"),
-    ("A100", 312.0, 19.5, 2.0, "spec"),
-    ("L40S", 362.0, 91.6, 0.864, "spec"),
-    ("A10", 125.0, 31.2, 0.6, "spec"),
-    ("RTX 4090", 165.0, 82.6, 1.0, "spec"),
+    ("H200", 790.0, 67.0, 4.3, "measured (design.md)", 989.0, 4.8),
+    ("H100 PCIe", 756.0, 51.0, 2.0, "spec", 756.0, 2.0),
+    ("H100", 790.0, 67.0, 3.0, "measured (design.md)", 989.0, 3.35),
+    ("A100", 312.0, 19.5, 2.0, "spec", 312.0, 2.0),
+    ("L40S", 362.0, 91.6, 0.864, "spec", 362.0, 0.864),
+    ("A10", 125.0, 31.2, 0.6, "spec", 125.0, 0.6),
+    ("RTX 4090", 165.0, 82.6, 1.0, "spec", 165.0, 1.0),
 )
 
 
@@ -43,6 +46,8 @@ class Peak:
     fp32_tflops: float    # plain fp32 (no TF32) rate
     tbps: float           # device memory bandwidth, TB/s
     source: str
+    datasheet_tflops: float  # the vendor's bf16 / fp16 dense rate (shown beside measured ceilings)
+    datasheet_tbps: float
 
     def tflops(self, dtype_name: str) -> float:
         return self.tensor_tflops if dtype_name in ("bfloat16", "float16") else self.fp32_tflops
@@ -50,9 +55,9 @@ class Peak:
 
 def peak_for(device_name: str) -> Optional[Peak]:
     """The ceilings of a GPU by its name; None for CPUs and unknown GPUs."""
-    for key, tensor, fp32, tbps, source in PEAKS:
+    for key, *numbers in PEAKS:
         if key.lower() in device_name.lower():
-            return Peak(key, tensor, fp32, tbps, source)
+            return Peak(key, *numbers)
     return None
 
 
@@ -148,7 +153,9 @@ def model_forward_flops(sample_lengths: Sequence[int], cfg: dict) -> tuple[float
 
 def ctc_train_step_flops(sample_lengths: Sequence[int], cfg: dict) -> float:
     """Forward + backward with the feature encoder frozen (as transformers' fine-tuning recipes do):
-    the backward (2x the forward) covers everything after the feature encoder. The AdamW update is
-    elementwise (bytes, not FLOPs) and is not counted."""
+    the backward (2x the forward) covers everything after the feature encoder. Model FLOPs, as MFU
+    counts them: the attention backward is 2x its forward here, not the 2.5x of the attention_bwd
+    rows, whose extra 0.5x is the flash-style recomputation of QK^T (~1 % of this step at base, 10 s).
+    The AdamW update is elementwise (bytes, not FLOPs) and is not counted."""
     total, fe = model_forward_flops(sample_lengths, cfg)
     return total + 2.0 * (total - fe)

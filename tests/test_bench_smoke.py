@@ -43,6 +43,7 @@ def test_roofline_uses_the_larger_floor():
     memory_bound = physics.roofline(1e9, 3e9, 1e-3, h100, "bfloat16")  # 1 ms of HBM traffic in 1 ms
     assert memory_bound["pct_of_peak"] == pytest.approx(100.0)
     assert physics.peak_for("AMD EPYC") is None
+    assert physics.peak_for("NVIDIA H100 PCIe").tbps == 2.0  # not the SXM card's ceilings
     assert physics.roofline(1e9, None, 1.0, None, "float32")["pct_of_peak"] is None
 
 
@@ -155,7 +156,8 @@ def _row(op, impl, shape, ms, **kw):
 CANNED = dict(device="NVIDIA H100 80GB HBM3", date="2026-11-24T10:00:00", commit="abc123", torch="2.11.0",
               triton="3.6.0", cuda="13.0", transformers="5.17.0", profile="check",
               measured_ceilings=dict(bf16_matmul_tflops=781.5, copy_tbps=2.98, method="..."),
-              peak=dict(tensor_tflops=790.0, fp32_tflops=67.0, tbps=3.0, source="measured (design.md)"),
+              peak=dict(name="H100", tensor_tflops=790.0, fp32_tflops=67.0, tbps=3.0, source="measured (design.md)",
+                        datasheet_tflops=989.0, datasheet_tbps=3.35),
               rows=[_row("attention_fwd", "triton", "base S499", 1.0, tflops=300.0, pct_of_peak=38.0),
                     _row("attention_fwd", "sdpa", "base S499", 2.0),
                     _row("attention_fwd", "flex", "base S499", 1.5),
@@ -181,6 +183,7 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     assert report.main([str(path), "--out", str(out)]) == 0
     md = (out / (path.stem + ".md")).read_text()
     assert "NVIDIA H100 80GB HBM3" in md and "790" in md and "this run measured 781.5 TFLOP/s" in md
+    assert "datasheet 989 TFLOP/s, 3.35 TB/s" in md
     # summary: ours vs the fastest baseline
     assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in md
     assert "| e2e_inference | base B8 10s | bfloat16 | ours | 10.000 | hf_compile | 11.000 | 1.10x |" in md
