@@ -187,7 +187,7 @@ def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths,
         for k in range(K):  # overlap-add of the K taps of every frame
             dx[:, k:k + span:stride] += gx[:, :, k]
         dx = dx.to(x.dtype)
-    dweight = dw.sum((0, 1))[:, :K].reshape(C, 1, K).to(weight.dtype)
+    dweight = dw.sum((0, 1))[:, :K].reshape(C, 1, K).to(weight.dtype).contiguous()  # K < KPAD: a view
     def grad(g, like):  # a fresh tensor each (custom-op outputs may not alias one another)
         return g.to(like.dtype, copy=True) if g is not None else x.new_empty(0)
     return dx, dweight, grad(dvec[0] if bias is not None else None, bias), grad(dg, norm_weight), \
@@ -226,9 +226,9 @@ def _first_conv_bwd_op(dout, x, weight, bias, norm_weight, norm_bias, frame_leng
 @_first_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, stride, norm, eps,
       need_dx):
-    def like(t, cond):
-        return torch.empty_like(t) if cond and t is not None else x.new_empty(0)
-    return (like(x, need_dx), torch.empty_like(weight), like(bias, True),
+    def like(t, cond):  # contiguous, as the real gradients are (whatever the inputs' strides)
+        return t.new_empty(t.shape) if cond and t is not None else x.new_empty(0)
+    return (like(x, need_dx), like(weight, True), like(bias, True),
             like(norm_weight, norm != NORM_NONE), like(norm_bias, norm != NORM_NONE))
 
 
