@@ -245,11 +245,18 @@ def _bad(**over):
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "shape"),
     (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "bool"),
     (dict(q=torch.randn(2, 8, 16)), ValueError, r"\[batch, seq, heads, head_dim\]"),
+    (dict(q=torch.randn(2, 8, 2, 0), k=torch.randn(2, 8, 2, 0), v=torch.randn(2, 8, 2, 0)), ValueError,
+     "head_dim must be at least 1"),
+    (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be positive and finite"),
+    (dict(softmax_scale=3e38), ValueError, "softmax_scale must be positive and finite"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be positive and finite"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale must be positive and finite"),
 ])
 def test_bad_input_errors(args, err, match):
     a = _bad(**args)
     with pytest.raises(err, match=match):
-        attention(a["q"], a["k"], a["v"], a["key_padding_mask"], backend="triton")
+        attention(a["q"], a["k"], a["v"], a["key_padding_mask"], softmax_scale=a.get("softmax_scale"),
+                  backend="triton")
 
 
 def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):

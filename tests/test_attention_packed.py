@@ -145,6 +145,9 @@ def test_dispatch_and_env_alias(monkeypatch):
     ({}, [5, 2], ValueError, "sum to the 8 rows"),
     ({}, [9, -1], ValueError, ">= 0"),
     ({}, [5, 3], ValueError, "dropout_p"),
+    ({}, [5.5, 2.5], TypeError, "lengths must be integers"),
+    (dict(q=torch.randn(8, 2, 0), k=torch.randn(8, 2, 0), v=torch.randn(8, 2, 0)), [5, 3], ValueError,
+     "head_dim must be at least 1"),
 ])
 def test_bad_input_errors(args, lengths, err, match):
     t = dict(q=torch.randn(8, 2, 16), k=torch.randn(8, 2, 16), v=torch.randn(8, 2, 16))
@@ -166,6 +169,21 @@ def test_torch_compile_fullgraph_no_graph_break():
     torch.testing.assert_close(loss, want)
     for g, w in zip(grads, torch.autograd.grad(want, (q, k, v))):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_with_lengths_as_an_argument(backend):
+    """The lengths as an input of the compiled function: a second list of the same total (which
+    Dynamo then traces as dynamic ints) recompiles and computes its own answer."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(12, 2, 16, device=DEVICE) for _ in range(3))
+
+    def fn(q, k, v, lengths):
+        return attention_packed(q, k, v, lengths, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for lengths in ([5, 7], [3, 9], [12, 0]):
+        torch.testing.assert_close(compiled(q, k, v, lengths), fn(q, k, v, lengths))
 
 
 @pytest.mark.gpu

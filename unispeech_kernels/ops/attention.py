@@ -78,13 +78,19 @@ def check_qkv(q, k, v, dims: tuple, op: str = "attention"):
         raise ValueError(f"{op}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: head_dim must be at least 1, got shape {tuple(q.shape)}")
+
+
+MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)  # kernels take scale * log2(e) as fp32
 
 
 def check_dropout_and_scale(dropout_p, softmax_scale, op: str = "attention"):
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"{op}: softmax_scale must be positive, got {softmax_scale}")
+    if softmax_scale is not None and not 0 < softmax_scale <= MAX_SOFTMAX_SCALE:
+        raise ValueError(f"{op}: softmax_scale must be positive and finite (at most {MAX_SOFTMAX_SCALE:.3g}), "
+                         f"got {softmax_scale}")
 
 
 def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):

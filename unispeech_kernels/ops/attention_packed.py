@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -110,7 +111,7 @@ def attention_packed_torch(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=Non
 
 def _triton_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
     return triton_attention_reason((q, k, v), q.dtype, q.shape[-1], len(lengths) * q.shape[1],
-                                   max(lengths, default=0))
+                                   max(lengths) if lengths else 0)
 
 
 @attention_packed_op.register("triton", check=_triton_check)
@@ -127,8 +128,11 @@ def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,
     torch.compile the lengths are constants of the graph (a new list recompiles); the model layer
     packs only in eager mode."""
     check_qkv(q, k, v, ("rows", "heads", "head_dim"), "attention_packed")
-    lengths = [int(n) for n in lengths]
-    if sum(lengths) != q.shape[0] or min(lengths, default=0) < 0:
+    try:
+        lengths = [operator.index(n) for n in lengths]
+    except TypeError:
+        raise TypeError(f"attention_packed: lengths must be integers, got {list(lengths)}") from None
+    if sum(lengths) != q.shape[0] or any(n < 0 for n in lengths):
         raise ValueError(f"attention_packed: lengths {lengths} must be >= 0 and sum to the {q.shape[0]} rows")
     check_dropout_and_scale(dropout_p, softmax_scale, "attention_packed")
     return attention_packed_op(q, k, v, lengths, dropout_p=dropout_p, softmax_scale=softmax_scale,
