@@ -270,3 +270,40 @@ def test_aot_specs_cover_the_gemms():
     for s in specs:
         assert list(s["signature"]) == list(s["fn"].arg_names)
         assert s["constexprs"].get("UPCAST") in (False, None)
+
+
+@pytest.mark.parametrize("norm_mode", ["group", "layer"])
+def test_bad_parameter_shapes_and_strides_raise(norm_mode):
+    """Every backend gets the same clear error (the kernels would read past a short tensor)."""
+    ws, bs, gs, betas = _params(norm_mode, True, torch.float32)
+    x = torch.randn(2, 900, device=DEVICE)
+
+    def call(ws=ws, bs=bs, gs=gs, betas=betas, strides=STRIDES, **kw):
+        feature_encoder(x, ws, bs, list(strides), norm_mode, gs, betas, backend="triton", **kw)
+
+    with pytest.raises(ValueError, match=r"layer 1 conv bias must be \[32\]"):
+        call(bs=[bs[0], bs[1][:8], *bs[2:]])
+    with pytest.raises(ValueError, match=r"layer 0 norm weight must be \[32\]"):
+        call(gs=[gs[0][:8], *gs[1:]])
+    with pytest.raises(ValueError, match=r"layer 2 conv weight must be \[C_out, 32, K >= 1\]"):
+        call(ws=[ws[0], ws[1], ws[2][:, :16], ws[3]])
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="layer 1 stride must be a positive int"):
+            call(strides=[5, bad, 2, 2])
+    with pytest.raises(ValueError, match="input_lengths on meta"):
+        call(input_lengths=torch.tensor([900, 800], device="meta"))
+
+
+@pytest.mark.parametrize("norm_mode", ["group", "layer"])
+def test_norm_without_affine_parameters_falls_back(norm_mode):
+    """Norms without weight / bias (None): the kernels say why not and the torch path computes it."""
+    ws, bs, gs, betas = _params(norm_mode, True, torch.float32)
+    x = torch.randn(2, 900, device=DEVICE)
+    none = [None] * len(gs)
+    reasons = feature_encoder_op.reasons(x, ws, bs, list(STRIDES), norm_mode, none, none)
+    assert "affine weight or bias (None)" in reasons["triton"]
+    with pytest.raises(BackendUnavailableError, match="affine"):
+        feature_encoder(x, ws, bs, list(STRIDES), norm_mode, none, none, backend="triton")
+    got = feature_encoder(x, ws, bs, list(STRIDES), norm_mode, none, none)
+    want = feature_encoder_reference(x, ws, bs, list(STRIDES), norm_mode, none, none)
+    torch.testing.assert_close(got, want, **ALLCLOSE[torch.float32])

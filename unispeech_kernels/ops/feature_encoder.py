@@ -23,6 +23,7 @@ reason when a gradient is needed), layers 1..N on the same Triton kernels.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -98,17 +99,34 @@ def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_s
     if len(norm_weights) != need or len(norm_biases) != need:
         raise ValueError(f"feature_encoder: norm_mode {norm_mode!r} needs {need} norm weight/bias tensors, "
                          f"got {len(norm_weights)}/{len(norm_biases)}")
+    c_in = 1
+    for i, (w, b, s) in enumerate(zip(conv_weights, conv_biases, conv_strides)):
+        if w.dim() != 3 or w.shape[1] != c_in or w.shape[2] < 1:
+            raise ValueError(f"feature_encoder: layer {i} conv weight must be [C_out, {c_in}, K >= 1], "
+                             f"got {tuple(w.shape)}")
+        if w.dtype != input_values.dtype or w.device != input_values.device:
+            raise TypeError(f"feature_encoder: conv weight {w.dtype} on {w.device} does not match input "
+                            f"{input_values.dtype} on {input_values.device}")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"feature_encoder: layer {i} conv bias must be [{w.shape[0]}], got {tuple(b.shape)}")
+        if not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"feature_encoder: layer {i} stride must be a positive int, got {s!r}")
+        c_in = w.shape[0]
+    for i in range(need):
+        for name, t in (("norm weight", norm_weights[i]), ("norm bias", norm_biases[i])):
+            if t is not None and tuple(t.shape) != (conv_weights[i].shape[0],):
+                raise ValueError(f"feature_encoder: layer {i} {name} must be [{conv_weights[i].shape[0]}], "
+                                 f"got {tuple(t.shape)}")
     kernels = [w.shape[-1] for w in conv_weights]
     field = receptive_field(kernels, conv_strides)
     if input_values.shape[1] < field:
         raise ValueError(f"feature_encoder: audio of {input_values.shape[1]} samples is shorter than the "
                          f"receptive field of the conv stack ({field} samples)")
-    for w in conv_weights:
-        if w.dtype != input_values.dtype or w.device != input_values.device:
-            raise TypeError(f"feature_encoder: conv weight {w.dtype} on {w.device} does not match input "
-                            f"{input_values.dtype} on {input_values.device}")
     if input_lengths is not None and tuple(input_lengths.shape) != (input_values.shape[0],):
         raise ValueError(f"feature_encoder: input_lengths must have shape [batch], got {tuple(input_lengths.shape)}")
+    if input_lengths is not None and input_lengths.device != input_values.device:
+        raise ValueError(f"feature_encoder: input_lengths on {input_lengths.device}, input_values on "
+                         f"{input_values.device}")
 
 
 feature_encoder_op = Op("feature_encoder")
@@ -152,6 +170,8 @@ def _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, nor
     dtypes = {t.dtype for t in tensors if t is not None}
     if len(dtypes) != 1:
         return f"mixed dtypes {sorted(map(str, dtypes))}"
+    if norm_mode == "layer" and any(t is None for t in (*norm_weights, *norm_biases)):
+        return "LayerNorm without an affine weight or bias (None) is not implemented in the kernels"
     for i, w in enumerate(conv_weights[1:], 1):
         if w.dim() != 3 or w.shape[1] != conv_weights[i - 1].shape[0]:
             return (f"layer {i}: weight {tuple(w.shape)} does not take the "

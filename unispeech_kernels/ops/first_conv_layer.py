@@ -255,7 +255,7 @@ _first_conv_fwd_op.register_autograd(_first_conv_backward, setup_context=_first_
 def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
                                   *, eps=1e-5, activation="gelu", input_lengths=None,
                                   batch_invariant=False):
-    reason = triton_device_reason(input_values, weight, bias, norm_weight, norm_bias)
+    reason = triton_device_reason(input_values, weight, bias, norm_weight, norm_bias, input_lengths)
     if reason:
         return reason
     if input_values.dtype not in TORCH_TO_TRITON:
@@ -264,6 +264,8 @@ def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode,
         return f"activation {activation!r} not implemented in the kernels (only 'gelu')"
     if weight.dim() != 3 or weight.shape[1] != 1:
         return f"weight must be [C, 1, K], got {tuple(weight.shape)}"
+    if norm_mode != "none" and (norm_weight is None or norm_bias is None):
+        return f"{norm_mode} norm without an affine weight or bias (None) is not implemented in the kernels"
     if triton.next_power_of_2(weight.shape[0]) > _MAX_TILE:
         return f"{weight.shape[0]} channels > {_MAX_TILE} (a program owns every channel)"
     return None
