@@ -2,7 +2,11 @@
 
 ``weight = g * v / ||v||`` (norm over every dim but the kernel one; weight_norm(dim=2)).
 In training (grad enabled and g or v requiring grad) the fold is recomputed every call so autograd
-reaches g and v; otherwise the folded weight is cached until g or v change (in place or replaced).
+reaches g and v; otherwise the folded weight is cached until g or v change: in place (their
+version counters), replaced (their storage), or cast. A fold made under ``torch.inference_mode``
+is reused only there (autograd may not save such a tensor). Two changes cannot be seen and need
+``clear()``: writes through ``.data`` (PyTorch gives them no version bump; ``with torch.no_grad():
+p.copy_(...)`` is the tracked spelling) and in-place writes to inference tensors.
 """
 from __future__ import annotations
 
@@ -15,16 +19,22 @@ class FoldedWeightNorm:
     """Callable returning the folded weight of (g, v), cached while they are unchanged."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the cached fold (after changing g or v in a way the cache cannot see)."""
         self._key = None
         self._weight = None
 
     def __call__(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the cache key (data pointers) is not traceable
             return fold_weight_norm(weight_g, weight_v)
-        if torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad):
-            self._key = self._weight = None
+        training = torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad)
+        if training or weight_g.is_inference() or weight_v.is_inference():  # no version counter to key on
+            self.clear()
             return fold_weight_norm(weight_g, weight_v)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight_g, weight_v))
+        key = (torch.is_inference_mode_enabled(),
+               *((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight_g, weight_v)))
         if key != self._key:
             with torch.no_grad():
                 self._weight = fold_weight_norm(weight_g, weight_v)
