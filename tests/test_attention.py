@@ -8,6 +8,7 @@ import torch
 
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError
+from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops._triton_helpers import forced_tiles
 from unispeech_kernels.ops.attention import (FWD_CONFIGS, _fwd_tuned, aot_specs, attention, attention_op,
@@ -260,7 +261,7 @@ def test_bad_input_errors(args, err, match):
 
 
 def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET
     q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
     with pytest.raises(BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):
         attention(q, k, v, backend="triton")
@@ -277,6 +278,16 @@ def test_dispatch_choices_and_env_override(monkeypatch):
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch")
     assert attention_op.select(None, q, k, v, None).name == "torch"
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v))
+    for value in ("attention=triton,torch", "torch,attention=triton"):  # the op's entry beats the bare one
+        monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", value)
+        assert attention_op.select(None, q, k, v, None).name == "triton", value
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("ON", True), ("yes", True),
+                                            ("0", False), ("off", False), ("", False)])
+def test_interpreter_setting_read_as_triton_reads_it(monkeypatch, value, expected):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _runtime._read_interpret_mode() is expected
 
 
 def test_torch_compile_fullgraph_no_graph_break():

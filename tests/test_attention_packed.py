@@ -7,6 +7,7 @@ import torch
 from tests.test_attention import N_GPU_TILES, gpu_tiles
 from tests.tolerances import assert_error_within
 from unispeech_kernels import BackendUnavailableError, attention, attention_packed
+from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops.attention import attention_reference
 from unispeech_kernels.ops.attention_packed import attention_packed_op
@@ -128,9 +129,10 @@ def test_dispatch_and_env_alias(monkeypatch):
         attention_packed(*doubles, [5, 3], backend="triton")
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch")  # the padded op's switch
     assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "torch"
-    monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch,attention_packed=triton")
-    assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for value in ("attention=torch,attention_packed=triton", "attention_packed=triton,attention=torch"):
+        monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", value)  # its own entry beats its alias's
+        assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "triton", value
+    monkeypatch.setattr(_runtime, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET
     monkeypatch.delenv("UNISPEECH_KERNELS_BACKEND")
     with pytest.raises(BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):
         attention_packed(q, k, v, [5, 3], backend="triton")

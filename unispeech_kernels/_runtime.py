@@ -8,9 +8,23 @@ from typing import Optional
 import torch
 
 
+def _read_interpret_mode() -> bool:
+    try:  # Triton's own reading of TRITON_INTERPRET (1 / true / on / yes, any case)
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover - a Triton without knobs, or none
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# Read once, with the package: Triton decides at @triton.jit time (when our kernels are defined)
+# whether they run interpreted, so a later change of the variable must not change our answer.
+_INTERPRET = _read_interpret_mode()
+
+
 def interpret_mode() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET set when
+    the package was imported)."""
+    return _INTERPRET
 
 
 def _import_triton() -> Optional[str]:

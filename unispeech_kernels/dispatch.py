@@ -39,19 +39,20 @@ class Backend:
 
 
 def env_override(op_name: str, alias: Optional[str] = None) -> Optional[str]:
-    """The backend forced for ``op_name`` (or its ``alias``) by the environment variable, if any."""
+    """The backend forced for ``op_name`` by the environment variable, if any: an entry naming the
+    op beats one naming its ``alias``, which beats a bare backend name (for every op), in any order."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
-    forced = None
+    by_target = {}
     for part in value.split(","):
         part = part.strip()
         if "=" in part:
             op, name = (s.strip() for s in part.split("=", 1))
-            if op in (op_name, alias):
-                forced = name
+            by_target[op] = name
         elif part:
-            forced = part
+            by_target[None] = part
+    forced = next((by_target[t] for t in (op_name, alias, None) if t in by_target), None)
     if forced is not None and forced not in BACKEND_NAMES:
         raise ValueError(f"{ENV_VAR}={value!r}: unknown backend {forced!r}; valid: {BACKEND_NAMES}")
     return forced
