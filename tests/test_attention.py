@@ -281,6 +281,11 @@ def test_dispatch_choices_and_env_override(monkeypatch):
     for value in ("attention=triton,torch", "torch,attention=triton"):  # the op's entry beats the bare one
         monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", value)
         assert attention_op.select(None, q, k, v, None).name == "triton", value
+    monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "cuda")  # the whole model: Triton where no CUDA kernel
+    assert attention_op.select(None, q, k, v, None).name == "triton"
+    monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=cuda")  # this op, explicitly: it has none
+    with pytest.raises(BackendUnavailableError, match="cuda: not implemented for this op"):
+        attention_op.select(None, q, k, v, None)
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("ON", True), ("yes", True),

@@ -40,7 +40,8 @@ class Backend:
 
 def env_override(op_name: str, alias: Optional[str] = None) -> Optional[str]:
     """The backend forced for ``op_name`` by the environment variable, if any: an entry naming the
-    op beats one naming its ``alias``, which beats a bare backend name (for every op), in any order."""
+    op beats one naming its ``alias``, which beats a bare backend name (for every op, read as
+    ``resolve_backend`` reads a model-wide choice), in any order."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
@@ -52,10 +53,13 @@ def env_override(op_name: str, alias: Optional[str] = None) -> Optional[str]:
             by_target[op] = name
         elif part:
             by_target[None] = part
-    forced = next((by_target[t] for t in (op_name, alias, None) if t in by_target), None)
+    target = next((t for t in (op_name, alias, None) if t in by_target), "none")
+    forced = by_target.get(target)
     if forced is not None and forced not in BACKEND_NAMES:
         raise ValueError(f"{ENV_VAR}={value!r}: unknown backend {forced!r}; valid: {BACKEND_NAMES}")
-    return forced
+    # a bare name is a choice for the whole model, as kernel_backend is: "cuda" means Triton where
+    # an op has no CUDA kernel
+    return resolve_backend(op_name, forced) if target is None else forced
 
 
 OPS: dict[str, "Op"] = {}  # every op by name, filled as the ops/ modules import
