@@ -92,12 +92,8 @@ def conv_layer_fwd(x, weight, bias, norm_weight, norm_bias, stride, norm, eps, s
     rstd = torch.empty(n_stats, dtype=torch.float32, device=x.device)
     dummy = w
     kernel = _conv_fwd_norm if norm else _conv_fwd
-    if norm:
-        def grid(meta):
-            return 1, triton.cdiv(M, meta["BLOCK_M"])
-    else:
-        def grid(meta):
-            return triton.cdiv(C_out, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])
+    def grid(meta):  # 1-D, N tiles x row tiles (with the norm one program owns all N tiles of its rows)
+        return ((1 if norm else triton.cdiv(C_out, meta["BLOCK_N"])) * triton.cdiv(M, meta["BLOCK_M"]),)
     launch_tuned(
         kernel, grid, x, w, bias if bias is not None else dummy, norm_weight if norm else dummy,
         norm_bias if norm else dummy, out, y if save else out, mean if n_stats else dummy,
@@ -139,7 +135,7 @@ def conv_layer_bwd(dout, x, weight, y, mean, rstd, norm_weight, norm_bias, strid
         dx = torch.empty(B, T_in, C_in, dtype=x.dtype, device=x.device)
         J = triton.cdiv(T_in, stride)
         launch_tuned(
-            _conv_bwd_dx, lambda meta: (triton.cdiv(C_in, meta["BLOCK_N"]), triton.cdiv(B * J, meta["BLOCK_M"]),
+            _conv_bwd_dx, lambda meta: (triton.cdiv(C_in, meta["BLOCK_N"]) * triton.cdiv(B * J, meta["BLOCK_M"]),
                                         stride),
             dy, w, dx, B, T_in, T_out, C_in, C_out, J, stride, bucket(B * J), KSIZE=K,
             **_dot_flags(x.dtype), interpret=INTERPRET_TILES)

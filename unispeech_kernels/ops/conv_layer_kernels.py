@@ -72,8 +72,11 @@ def _conv_fwd_kernel(
     UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands upcast to fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile sizes
 ):
-    pid_n = tl.program_id(0)  # fastest: the N tiles of the same rows run together (x reuse in L2)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 1-D grid (no 65535 cap on the rows): the N tiles of the same rows are consecutive programs, so
+    # they run together (x reuse in L2); with NORM a program loops over every N tile itself
+    n_tiles = 1 if NORM else tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % n_tiles
+    rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     bi = rm // T_out
     x_rows = x_ptr + bi.to(tl.int64) * stride_xb + ((rm - bi * T_out) * stride).to(tl.int64) * stride_xt
@@ -197,9 +200,10 @@ def _conv_bwd_dx_kernel(
     UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands upcast to fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile sizes
 ):
-    ci = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    phase = tl.program_id(2)
+    n_tiles = tl.cdiv(C_in, BLOCK_N)  # axis 0: N tiles x row tiles, N fastest (no 65535 cap on rows)
+    ci = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    phase = tl.program_id(1)
     bi = rm // J
     j = rm - bi * J
     t_in = phase + j * stride

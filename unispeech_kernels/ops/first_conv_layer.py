@@ -266,6 +266,8 @@ def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode,
         return f"weight must be [C, 1, K], got {tuple(weight.shape)}"
     if norm_mode != "none" and (norm_weight is None or norm_bias is None):
         return f"{norm_mode} norm without an affine weight or bias (None) is not implemented in the kernels"
+    if input_values.shape[0] > 65535:
+        return f"batch {input_values.shape[0]} > 65535 (grid axis limit)"
     if triton.next_power_of_2(weight.shape[0]) > _MAX_TILE:
         return f"{weight.shape[0]} channels > {_MAX_TILE} (a program owns every channel)"
     return None
