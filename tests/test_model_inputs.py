@@ -240,7 +240,7 @@ def test_output_object_access():
     m = model(unispeech.UniSpeechForCTC)
     with torch.no_grad():
         out = m(torch.randn(1, 400), output_hidden_states=True)
-    assert out.keys() == ["logits", "hidden_states"] and out["logits"] is out.logits is out[0]
+    assert list(out.keys()) == ["logits", "hidden_states"] and out["logits"] is out.logits is out[0]
     assert out.to_tuple()[1] is out.hidden_states and len(out.hidden_states) == 3
     with pytest.raises(KeyError, match="loss"):
         out["loss"]

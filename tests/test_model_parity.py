@@ -208,3 +208,29 @@ def test_pretraining_quantizer_training_matches():
         outs.append(model(x, attention_mask=mask))
     for key in ("projected_states", "projected_quantized_states", "codevector_perplexity"):
         assert_same(outs[0][key], outs[1][key], key, frame_mask(ours, mask, x))
+
+
+@pytest.mark.parametrize("head", ["ctc", "cls"])
+def test_heads_forward_mask_time_indices(head):
+    """Given frames are replaced by masked_spec_embed in eval mode too, as transformers' heads do."""
+    hf, ours = build_pair(head)
+    x, mask = audio()
+    chosen = torch.rand(3, 59) < 0.3
+    with torch.no_grad():
+        theirs, mine = (m(x, attention_mask=mask, mask_time_indices=chosen) for m in (hf, ours))
+        plain = ours(x, attention_mask=mask)
+    frames = frame_mask(ours, mask, x)
+    assert_outputs_equal(theirs, mine, frames=frames)
+    assert not torch.allclose(real(mine.logits, frames), real(plain.logits, frames))
+
+
+ACT_NAMES = sorted(set(transformers.activations.ACT2CLS) - {"prelu", "xielu"})  # learnable ones: rejected
+
+
+@pytest.mark.parametrize("field", ["hidden_act", "feat_extract_activation"])
+@pytest.mark.parametrize("name", ACT_NAMES)
+def test_activations_match(field, name):
+    hf, ours = build_pair("base", **{field: name})
+    x, mask = audio(2, 900, (0, 300))
+    with torch.no_grad():
+        assert_outputs_equal(hf(x, attention_mask=mask), ours(x, attention_mask=mask), frames=frame_mask(ours, mask, x))

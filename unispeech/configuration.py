@@ -7,7 +7,8 @@ config.json compatibility: the file we write is read by transformers' UniSpeechC
 theirs. Our three switches are written nested under ``"unispeech_kernels"`` because transformers
 rejects ``"attn_implementation": "triton"`` at the top level; a top-level key is accepted on read.
 Unknown keys (fields of older transformers versions, ``adapter_attn_dim``...) are kept as
-attributes and written back, as transformers does.
+attributes and written back, as transformers does. ``to_unispeech_config`` converts a transformers
+UniSpeechConfig object (what our model classes do when given one).
 """
 from __future__ import annotations
 
@@ -225,3 +226,14 @@ class UniSpeechConfig:
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def to_unispeech_config(config, user: str) -> UniSpeechConfig:
+    """``config`` as our UniSpeechConfig: ours as it is; transformers' UniSpeechConfig (any config
+    with ``to_dict()``) converted from what its config.json holds. ``user`` names the caller in errors."""
+    if isinstance(config, UniSpeechConfig):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return UniSpeechConfig.from_dict(config.to_dict())
+    raise TypeError(f"{user} needs a UniSpeechConfig (unispeech's or transformers'), got "
+                    f"{type(config).__module__}.{type(config).__qualname__}")

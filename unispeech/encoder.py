@@ -15,12 +15,14 @@ once per forward) when the mask is a prefix mask, as audio padding always is; th
 any other mask, scatter q/k/v back to [B, T, H, D] for the masked op. Real frames are computed
 exactly as in transformers; frames past an utterance's length are zero in the layer outputs
 (transformers leaves values there that depend on the padding and that nothing real attends to).
+Activation checkpointing (``checkpointing``, set by the model's activation_checkpointing_enable)
+recomputes whole layers in the backward pass of training.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -231,6 +233,8 @@ class UniSpeechEncoder(nn.Module):
         # True (set by the weighted-layer-sum head): a layer skipped by LayerDrop records its
         # unchanged input, so hidden_states always has num_hidden_layers + 1 entries
         self.record_skipped_layers = False
+        # (checkpoint function, every n-th layer) while activation checkpointing is on, else None
+        self.checkpointing: Optional[Tuple[Callable, int]] = None
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions=False,
                 output_hidden_states=False) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
@@ -249,14 +253,18 @@ class UniSpeechEncoder(nn.Module):
         all_hidden: List[torch.Tensor] = []
         all_attn: List[torch.Tensor] = []
         layerdrop = self.config.layerdrop if self.training else 0.0
-        for layer in self.layers:
+        recompute = self.checkpointing if self.training and torch.is_grad_enabled() else None
+        for i, layer in enumerate(self.layers):
             if layerdrop > 0.0 and torch.rand([]) < layerdrop:
                 if output_hidden_states and self.record_skipped_layers:
                     all_hidden.extend([first if not all_hidden else all_hidden[-1]] * (2 - bool(all_hidden)))
                 continue
             if output_hidden_states and not all_hidden:
                 all_hidden.append(first)  # no layer ran yet: hidden is still the packed `first`
-            hidden, weights = layer(hidden, frames, output_attentions)
+            if recompute is not None and i % recompute[1] == 0:
+                hidden, weights = recompute[0](layer, hidden, frames, output_attentions)
+            else:
+                hidden, weights = layer(hidden, frames, output_attentions)
             if output_hidden_states:
                 all_hidden.append(frames.unpack(hidden))
             if output_attentions:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import unispeech_kernels
+from unispeech_kernels.activations import get_activation
 from unispeech_kernels.ops.feature_encoder import receptive_field
 
 NORM_EPS = 1e-5  # transformers' conv layers use the nn default eps, not config.layer_norm_eps
@@ -44,6 +45,7 @@ class UniSpeechFeatureEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        get_activation(config.feat_extract_activation)  # an unknown name fails here, not at the first forward
         mode = config.feat_extract_norm
         self.conv_layers = nn.ModuleList(
             ConvLayer(config, i, mode if (mode == "layer" or i == 0) else None)

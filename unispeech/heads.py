@@ -61,14 +61,16 @@ class UniSpeechForCTC(_HeadBase):
                                           zero_infinity=cfg.ctc_zero_infinity)
 
     def forward(self, input_values, attention_mask=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None):
+                output_hidden_states=None, return_dict=None, mask_time_indices=None):
+        """mask_time_indices [B, T]: frames replaced by masked_spec_embed (as in UniSpeechModel)."""
         output_attentions, output_hidden_states, return_dict = self._flags(
             output_attentions, output_hidden_states, return_dict)
         if labels is not None and labels.numel() and labels.max() >= self.config.vocab_size:
             raise ValueError(f"Label values must be < vocab_size ({self.config.vocab_size}), got "
                              f"{int(labels.max())}")
-        out = self.unispeech(input_values, attention_mask=attention_mask, output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states, return_dict=True)
+        out = self.unispeech(input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices,
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                             return_dict=True)
         logits = self.lm_head(self.dropout(out.last_hidden_state))
         loss = None if labels is None else self.ctc_loss(logits, labels, attention_mask, input_values)
         result = CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -96,11 +98,13 @@ class UniSpeechForSequenceClassification(_HeadBase):
             p.requires_grad = False
 
     def forward(self, input_values, attention_mask=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None):
+                output_hidden_states=None, return_dict=None, mask_time_indices=None):
+        """mask_time_indices [B, T]: frames replaced by masked_spec_embed (as in UniSpeechModel)."""
         cfg = self.config
         output_attentions, output_hidden_states, return_dict = self._flags(
             output_attentions, output_hidden_states, return_dict)
-        out = self.unispeech(input_values, attention_mask=attention_mask, output_attentions=output_attentions,
+        out = self.unispeech(input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices,
+                             output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states or cfg.use_weighted_layer_sum,
                              return_dict=True)
         if cfg.use_weighted_layer_sum:

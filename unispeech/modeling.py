@@ -11,13 +11,16 @@ receptive field of the conv stack. NaN in the audio is not checked: it propagate
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from .configuration import UniSpeechConfig, check_attn_implementation, check_kernel_backend
+from .checkpoint import load_pretrained, save_pretrained
+from .configuration import UniSpeechConfig, check_attn_implementation, check_kernel_backend, to_unispeech_config
 from .encoder import UniSpeechEncoder
 from .feature_encoder import UniSpeechFeatureEncoder, UniSpeechFeatureProjection
 from .masking import compute_mask_indices
@@ -26,17 +29,19 @@ from .quantizer import UniSpeechGumbelVectorQuantizer
 
 
 class UniSpeechPreTrainedModel(nn.Module):
-    """Config handling, weight init, length/mask helpers and checkpoint I/O shared by every class."""
+    """Config handling, weight init, length/mask helpers, checkpoint I/O, activation checkpointing
+    and transformers' small model API (base_model, num_parameters), shared by every class."""
 
     config_class = UniSpeechConfig
     base_model_prefix = "unispeech"
     main_input_name = "input_values"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: UniSpeechConfig, attn_implementation: Optional[str] = None,
                  kernel_backend: Optional[str] = None):
+        """``config``: ours, or transformers' UniSpeechConfig (converted)."""
         super().__init__()
-        if not isinstance(config, UniSpeechConfig):
-            raise TypeError(f"{type(self).__name__} needs a UniSpeechConfig, got {type(config).__name__}")
+        config = to_unispeech_config(config, type(self).__name__)
         if attn_implementation is not None or kernel_backend is not None:
             config = config.copy()
             if attn_implementation is not None:
@@ -94,19 +99,56 @@ class UniSpeechPreTrainedModel(nn.Module):
         frames = torch.arange(feature_vector_length, device=attention_mask.device)
         return frames[None, :] < lengths[:, None]
 
-    @classmethod
-    def from_pretrained(cls, folder, attn_implementation=None, kernel_backend=None, torch_dtype=None,
-                        strict=True, **config_overrides):
-        """Load config.json + weights from a local folder; see unispeech.checkpoint."""
-        from .checkpoint import load_pretrained
-        return load_pretrained(cls, folder, attn_implementation=attn_implementation,
-                               kernel_backend=kernel_backend, torch_dtype=torch_dtype, strict=strict,
-                               **config_overrides)
+    @property
+    def base_model(self) -> nn.Module:
+        """The UniSpeechModel inside a head model (the model itself for UniSpeechModel)."""
+        return getattr(self, self.base_model_prefix, self)
 
-    def save_pretrained(self, folder):
-        """Write config.json + model.safetensors that transformers' classes load."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, folder)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (only those with requires_grad if only_trainable); the model has no
+        embedding tables, so exclude_embeddings changes nothing."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1):
+        """Recompute every ``every_n_layers``-th encoder layer in the backward pass of training
+        instead of keeping its activations; the kwargs go to torch.utils.checkpoint.checkpoint
+        (default ``{"use_reentrant": False}``)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        kwargs = activation_checkpointing_kwargs
+        kwargs = {"use_reentrant": False} if kwargs is None else kwargs
+        self.base_model.encoder.checkpointing = (functools.partial(torch.utils.checkpoint.checkpoint, **kwargs),
+                                                 every_n_layers)
+
+    def activation_checkpointing_disable(self):
+        self.base_model.encoder.checkpointing = None
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base_model.encoder.checkpointing is not None
+
+    # transformers' earlier names for the three above
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs):
+        """Load config.json + weights from a local folder; keyword arguments: unispeech.checkpoint.load_pretrained."""
+        return load_pretrained(cls, folder, **kwargs)
+
+    def save_pretrained(self, folder, state_dict=None, safe_serialization: bool = True, max_shard_size="50GB"):
+        """Write config.json + weights that transformers' classes load: model.safetensors (or
+        pytorch_model.bin with safe_serialization=False), sharded with an index json past
+        ``max_shard_size`` (bytes, or a string such as "5GB"); ``state_dict`` replaces the model's."""
+        save_pretrained(self, folder, state_dict=state_dict, safe_serialization=safe_serialization,
+                        max_shard_size=max_shard_size)
 
 
 def check_input_values(input_values, attention_mask, receptive_field: int, dtype: torch.dtype):
