@@ -161,8 +161,10 @@ def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides,
 
 
 def _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                         norm_biases) -> Optional[str]:
-    """Can Triton run layers 1..N (device and one dtype for every tensor, channel chain, limits)?"""
+                         norm_biases, activation) -> Optional[str]:
+    """Can Triton run layers 1..N (exact GELU, device and one dtype for every tensor, limits)?"""
+    if activation != "gelu":
+        return f"activation {activation!r} not implemented in the kernels (only 'gelu')"
     tensors = [input_values, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
     reason = triton_device_reason(*tensors)
     if reason:
@@ -187,7 +189,7 @@ def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_s
                                  norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
                                  input_lengths=None, batch_invariant=False, trim_padding=False):
     reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                                  norm_biases)
+                                  norm_biases, activation)
     if reason:
         return reason
     reason = first_conv_layer_triton_check(
@@ -226,7 +228,7 @@ def feature_encoder_cuda_check(input_values, conv_weights, conv_biases, conv_str
     if reason:
         return f"layer 0: {reason}"
     reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                                  norm_biases)
+                                  norm_biases, activation)
     return f"layers 1..{len(conv_weights) - 1} (Triton): {reason}" if reason else None
 
 
