@@ -4,6 +4,7 @@ tensor made under inference mode."""
 import torch
 
 from unispeech_kernels.ops.pos_conv import fold_weight_norm
+from unispeech_kernels import clear_weight_caches
 from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 
@@ -48,16 +49,18 @@ def test_inference_mode_fold_is_not_reused_for_autograd():
     torch.testing.assert_close(x.grad, w)
 
 
-def test_data_writes_need_clear():
-    """Writes through .data bump no version counter: documented, and clear() refolds."""
-    fold, (g, v) = FoldedWeightNorm(), _params()
+def test_data_writes_need_clear_weight_caches():
+    """Writes through .data bump no version counter: documented, and clear_weight_caches() makes
+    every fold of the process refold."""
+    folds, (g, v) = [FoldedWeightNorm(), FoldedWeightNorm()], _params()
     with torch.no_grad():
-        w = fold(g, v)
+        stale = [fold(g, v) for fold in folds]
         v.data.mul_(2.0)
         v.data.add_(1.0)
-        assert fold(g, v) is w  # the limitation this test documents
-        fold.clear()
-        torch.testing.assert_close(fold(g, v), fold_weight_norm(g, v))
+        assert all(fold(g, v) is w for fold, w in zip(folds, stale))  # the limitation this test documents
+        clear_weight_caches()
+        for fold in folds:
+            torch.testing.assert_close(fold(g, v), fold_weight_norm(g, v))
 
 
 def test_inference_tensor_parameters_are_never_cached():

@@ -6,8 +6,9 @@ from .ops.feature_encoder import feature_encoder
 from .integrations.patching import patch_model, unpatch_model
 from .integrations.transformers import register_transformers_attention
 from .ops.pos_conv import fold_weight_norm, pos_conv_embed
+from .weight_norm import clear_weight_caches
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_packed", "feature_encoder", "pos_conv_embed", "fold_weight_norm", "patch_model",
-           "unpatch_model", "register_transformers_attention", "BackendUnavailableError", "resolve_backend",
+__all__ = ["attention", "attention_packed", "feature_encoder", "pos_conv_embed", "fold_weight_norm",
+           "clear_weight_caches", "patch_model", "unpatch_model", "register_transformers_attention", "BackendUnavailableError", "resolve_backend",
            "__version__"]

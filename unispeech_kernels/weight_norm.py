@@ -4,15 +4,27 @@
 In training (grad enabled and g or v requiring grad) the fold is recomputed every call so autograd
 reaches g and v; otherwise the folded weight is cached until g or v change: in place (their
 version counters), replaced (their storage), or cast. A fold made under ``torch.inference_mode``
-is reused only there (autograd may not save such a tensor). Two changes cannot be seen and need
-``clear()``: writes through ``.data`` (PyTorch gives them no version bump; ``with torch.no_grad():
-p.copy_(...)`` is the tracked spelling) and in-place writes to inference tensors.
+is reused only there (autograd may not save such a tensor); inference-tensor parameters are never
+cached. Writes through ``.data`` cannot be seen (PyTorch gives them no version bump; ``with
+torch.no_grad(): p.copy_(...)`` is the tracked spelling): after one, call ``clear_weight_caches()``.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from .ops.pos_conv import fold_weight_norm
+
+
+_ALL_FOLDS: "weakref.WeakSet[FoldedWeightNorm]" = weakref.WeakSet()
+
+
+def clear_weight_caches() -> None:
+    """Forget every cached fold in this process (our models' and patched transformers models'), e.g.
+    after writing a positional conv's g or v through ``.data``."""
+    for fold in list(_ALL_FOLDS):
+        fold.clear()
 
 
 class FoldedWeightNorm:
@@ -20,6 +32,7 @@ class FoldedWeightNorm:
 
     def __init__(self):
         self.clear()
+        _ALL_FOLDS.add(self)
 
     def clear(self) -> None:
         """Forget the cached fold (after changing g or v in a way the cache cannot see)."""
