@@ -48,7 +48,6 @@ except Exception:  # the suite still times the baselines when our package does n
         pass
 
 
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -26,16 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-# (substring of torch.cuda.get_device_name(), tensor TFLOP/s bf16/fp16 dense, fp32 TFLOP/s, TB/s, source,
-#  datasheet tensor TFLOP/s bf16/fp16 dense, datasheet TB/s); the first matching substring wins
+# (substring of torch.cuda.get_device_name(), tensor TFLOP/s bf16/fp16 dense, fp32 TFLOP/s, TB/s, source
+#  [, datasheet tensor TFLOP/s, datasheet TB/s where the ceilings are measured]); the first match wins
 PEAKS = (
     ("H200", 790.0, 67.0, 4.3, "measured (design.md)", 989.0, 4.8),
-    ("H100 PCIe", 756.0, 51.0, 2.0, "spec", 756.0, 2.0),
+    ("H100 PCIe", 756.0, 51.0, 2.0, "spec"),
     ("H100", 790.0, 67.0, 3.0, "measured (design.md)", 989.0, 3.35),
-    ("A100", 312.0, 19.5, 2.0, "spec", 312.0, 2.0),
-    ("L40S", 362.0, 91.6, 0.864, "spec", 362.0, 0.864),
-    ("A10", 125.0, 31.2, 0.6, "spec", 125.0, 0.6),
-    ("RTX 4090", 165.0, 82.6, 1.0, "spec", 165.0, 1.0),
+    ("A100", 312.0, 19.5, 2.0, "spec"),
+    ("L40S", 362.0, 91.6, 0.864, "spec"),
+    ("A10", 125.0, 31.2, 0.6, "spec"),
+    ("RTX 4090", 165.0, 82.6, 1.0, "spec"),
 )
 
 
@@ -46,8 +46,8 @@ class Peak:
     fp32_tflops: float    # plain fp32 (no TF32) rate
     tbps: float           # device memory bandwidth, TB/s
     source: str
-    datasheet_tflops: float  # the vendor's bf16 / fp16 dense rate (shown beside measured ceilings)
-    datasheet_tbps: float
+    datasheet_tflops: Optional[float] = None  # the vendor's bf16 / fp16 dense rate, when the ceilings are measured
+    datasheet_tbps: Optional[float] = None
 
     def tflops(self, dtype_name: str) -> float:
         return self.tensor_tflops if dtype_name in ("bfloat16", "float16") else self.fp32_tflops

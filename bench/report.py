@@ -7,7 +7,8 @@ For each X.json it writes X.md and X.png next to it (or into --out) and prints t
 --summary prints only the short table (what `make gpu-check` shows last); --readme puts a GPU run's
 summary into the README's latest-results section. Speed-up = baseline median
 time / our median time, so > 1 means ours is faster. "Ours" are the impls triton, cuda, ours and
-hf_patched (OUR_IMPLS); every other impl of the same op, dtype and shape is a baseline. Format: bench/results/README.md.
+hf_patched (OUR_IMPLS); every other impl of the same op, dtype and shape is a baseline. Format:
+bench/results/README.md.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def header(doc) -> str:
     peak = doc.get("peak")
     ceil = (f"ceilings {peak['tensor_tflops']:g} TFLOP/s bf16/fp16, {peak['tbps']:g} TB/s ({peak['source']})"
             if peak else "no ceiling known for this device: times and ratios only")
-    if peak and peak.get("datasheet_tflops") and peak["source"] != "spec":
+    if peak and peak.get("datasheet_tflops"):
         ceil += f", datasheet {peak['datasheet_tflops']:g} TFLOP/s, {peak['datasheet_tbps']:g} TB/s"
     measured = doc.get("measured_ceilings")
     if measured:

@@ -10,5 +10,5 @@ from .weight_norm import clear_weight_caches
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_packed", "feature_encoder", "pos_conv_embed", "fold_weight_norm",
-           "clear_weight_caches", "patch_model", "unpatch_model", "register_transformers_attention", "BackendUnavailableError", "resolve_backend",
-           "__version__"]
+           "clear_weight_caches", "patch_model", "unpatch_model", "register_transformers_attention",
+           "BackendUnavailableError", "resolve_backend", "__version__"]

@@ -43,7 +43,8 @@ class FoldedWeightNorm:
         if torch.compiler.is_compiling():  # the cache key (data pointers) is not traceable
             return fold_weight_norm(weight_g, weight_v)
         training = torch.is_grad_enabled() and (weight_g.requires_grad or weight_v.requires_grad)
-        if training or weight_g.is_inference() or weight_v.is_inference():  # no version counter to key on
+        # training: autograd must see the fold; inference tensors: no version counter to key on
+        if training or weight_g.is_inference() or weight_v.is_inference():
             self.clear()
             return fold_weight_norm(weight_g, weight_v)
         key = (torch.is_inference_mode_enabled(),

@@ -174,10 +174,7 @@ def _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, nor
         return f"mixed dtypes {sorted(map(str, dtypes))}"
     if norm_mode == "layer" and any(t is None for t in (*norm_weights, *norm_biases)):
         return "LayerNorm without an affine weight or bias (None) is not implemented in the kernels"
-    for i, w in enumerate(conv_weights[1:], 1):
-        if w.dim() != 3 or w.shape[1] != conv_weights[i - 1].shape[0]:
-            return (f"layer {i}: weight {tuple(w.shape)} does not take the "
-                    f"{conv_weights[i - 1].shape[0]} channels of layer {i - 1}")
+    for i, w in enumerate(conv_weights[1:], 1):  # shapes and the channel chain: check_feature_encoder_inputs
         norm = (norm_weights[i], norm_biases[i]) if norm_mode == "layer" else (None, None)
         reason = conv_layer_check(input_values, w, conv_biases[i], *norm)
         if reason:
