@@ -32,3 +32,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The ten tightest comparisons (err / bound) of this run; all of them to $UNISPEECH_MARGINS_JSON."""
+    from tests.tolerances import MARGINS
+    if not MARGINS:
+        return
+    path = os.environ.get("UNISPEECH_MARGINS_JSON")
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "margins": MARGINS}, f, indent=1)
+    tightest = sorted(MARGINS, key=lambda m: -m["ratio"])[:10]
+    terminalreporter.section(f"tightest of {len(MARGINS)} numerical comparisons "
+                             f"(CPU capability {torch.backends.cpu.get_cpu_capability()})")
+    for m in tightest:
+        flag = "  <- above 0.8" if m["ratio"] > 0.8 else ""
+        terminalreporter.write_line(f"{m['ratio']:6.3f}  err {m['err']:.3e}  bound {m['bound']:.3e}  {m['dtype']:8s} "
+                                    f"{m['name']:24s} {m['test']}{flag}")

@@ -55,10 +55,11 @@ def check_against_reference(q, k, v, mask, *, dropout_p=0.0, dropout_mask=None, 
                           q.double(), k.double(), v.double(), grad.double())
     eager, eager_grads = _run(lambda *t: attention_reference(*t, mask, **ref_kw), q, k, v, grad)
     rows = real[:, :, None, None].expand_as(out)
-    assert_error_within(out[rows], ref[rows], eager[rows], dtype, "out")
+    n = max(S, D)  # softmax and PV over S keys, scores over D
+    assert_error_within(out[rows], ref[rows], eager[rows], dtype, "out", reduction=n)
     assert (out[~rows] == 0).all(), "padded query rows must be zero"
     for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
-        assert_error_within(g, rg, eg, dtype, name)
+        assert_error_within(g, rg, eg, dtype, name, reduction=n)
     return out
 
 

@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import unispeech
-from tolerances import ALLCLOSE
+from tests.tolerances import assert_close
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=5,
@@ -33,7 +33,7 @@ def same_outputs(a, b, key="logits"):
     with torch.no_grad():
         out_a, out_b = a(X, attention_mask=MASK)[key], b(X, attention_mask=MASK)[key]
         real = b._get_feature_vector_attention_mask(out_b.shape[1], MASK)
-        torch.testing.assert_close(out_b[real], out_a[real], **ALLCLOSE[torch.float32])
+        assert_close(out_b[real], out_a[real])
 
 
 def write_bin(folder, state, shards=1):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_feature_encoder import DEVICE as FE_DEVICE, STRIDES as FE_STRIDES, _params as fe_params
-from tolerances import assert_error_within
+from tests.tolerances import assert_error_within
 from unispeech_kernels import _cuda
 from unispeech_kernels.dispatch import BackendUnavailableError, Op, resolve_backend
 from unispeech_kernels.ops.feature_encoder import feature_encoder, feature_encoder_op, feature_encoder_reference

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from tests.tolerances import ALLCLOSE, assert_error_within
+from tests.tolerances import assert_close, assert_error_within
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.dispatch import BackendUnavailableError
 from unispeech_kernels.ops._triton_helpers import forced_tiles
@@ -62,12 +62,13 @@ def _check(norm_mode, conv_bias, dtype, B=2, L=1001, dims=DIMS, kernels=KERNELS,
     gold, gold_grads = _run(feature_encoder_reference, x, params, torch.float64, grad, **dict(kw))
     eager, eager_grads = _run(feature_encoder_reference, x, params, dtype, grad, **dict(kw))
     assert out.shape == (B, T, dims[-1]) and out.dtype == dtype
-    assert_error_within(out, gold, eager, dtype, "output")
+    taps = max(k * c for k, c in zip(kernels, (1, *dims[:-1])))
+    assert_error_within(out, gold, eager, dtype, "output", reduction=max(taps, L, dims[0]))
     names = _names(params)
     assert len(names) == len(grads)
     for name, g, ref, e in zip(names, grads, gold_grads, eager_grads):
         assert g.dtype == dtype, name
-        assert_error_within(g, ref, e, dtype, f"d_{name}")
+        assert_error_within(g, ref, e, dtype, f"d_{name}", reduction=B * L)
 
 
 @pytest.mark.parametrize("norm_mode", ["group", "layer"])
@@ -110,7 +111,7 @@ def check_conv_layer(norm_mode):
     names = ["output", "d_input", "d_weight", "d_bias", "d_norm_weight", "d_norm_bias"]
     assert len(got) == len(tensors) + 1
     for name, a, r, e in zip(names, got, gold, eager):
-        assert_error_within(a, r, e, torch.float16, name)
+        assert_error_within(a, r, e, torch.float16, name, reduction=3 * 160)  # K * C_in taps; dW over 2 x 99 frames
 
 
 @pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
@@ -148,12 +149,12 @@ def test_matches_transformers_feature_encoder(norm_mode):
                           [l.layer_norm.bias for l in normed],
                           backend="triton")
     ref = hf(x).transpose(1, 2)
-    torch.testing.assert_close(out, ref, **ALLCLOSE[torch.float32])
+    assert_close(out, ref)
     cotangent, weights = torch.randn_like(ref), [layers[0].conv.weight, layers[-1].conv.weight]
     grads = torch.autograd.grad(out, weights, cotangent)
     ref_grads = torch.autograd.grad(ref, weights, cotangent)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **ALLCLOSE[torch.float32])
+        assert_close(g, r)
 
 
 def test_stride_larger_than_kernel():
@@ -306,4 +307,4 @@ def test_norm_without_affine_parameters_falls_back(norm_mode):
         feature_encoder(x, ws, bs, list(STRIDES), norm_mode, none, none, backend="triton")
     got = feature_encoder(x, ws, bs, list(STRIDES), norm_mode, none, none)
     want = feature_encoder_reference(x, ws, bs, list(STRIDES), norm_mode, none, none)
-    torch.testing.assert_close(got, want, **ALLCLOSE[torch.float32])
+    assert_close(got, want)

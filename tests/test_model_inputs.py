@@ -8,11 +8,10 @@ import torch
 import transformers
 
 import unispeech
-from tolerances import ALLCLOSE
+from tests.tolerances import assert_close
 from unispeech.configuration import HF_DEFAULTS
 from unispeech_kernels import BackendUnavailableError
 
-TOL = ALLCLOSE[torch.float32]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
             conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=5,
             num_conv_pos_embedding_groups=4, vocab_size=11)
@@ -69,7 +68,7 @@ def test_batched_equals_single_on_real_frames(norm, invariant, attn):
             single = m(x[b:b + 1, :n]).last_hidden_state
             frames = single.shape[1]
             assert frames == m._get_feat_extract_output_lengths(n)
-            torch.testing.assert_close(batched[b:b + 1, :frames], single, **TOL)
+            assert_close(batched[b:b + 1, :frames], single)
 
 
 def test_attention_implementations_agree():
@@ -82,17 +81,17 @@ def test_attention_implementations_agree():
         for impl in ("eager", "sdpa", "triton"):
             m.config.attn_implementation = impl
             outs[impl] = m(x, attention_mask=mask).logits
-        torch.testing.assert_close(outs["sdpa"], outs["eager"], **TOL)
+        assert_close(outs["sdpa"], outs["eager"])
         # real frames only: the Triton attention kernel currently zeroes padded query rows, where
         # transformers (and eager/sdpa) let them attend to the real frames
         real = m._get_feature_vector_attention_mask(outs["eager"].shape[1], mask)
-        torch.testing.assert_close(outs["triton"][real], outs["eager"][real], **TOL)
+        assert_close(outs["triton"][real], outs["eager"][real])
         m.config.attn_implementation = "sdpa"
         with pytest.warns(UserWarning, match="'sdpa' returns no attention weights"):
             attn = m(x, attention_mask=mask, output_attentions=True).attentions
     assert len(attn) == 2 and attn[0].shape == (2, 2, 34, 34)
     assert torch.all(attn[0][1, :, :, 21:] == 0), "padded frames must not be attended"
-    torch.testing.assert_close(attn[0].sum(-1), torch.ones(2, 2, 34), **TOL)
+    assert_close(attn[0].sum(-1), torch.ones(2, 2, 34))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "triton"])
@@ -104,7 +103,7 @@ def test_fully_padded_row(attn):
     mask[1] = 0
     with torch.no_grad():
         out = m(x, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(out[:1], m(x[:1]).last_hidden_state, **TOL)
+        assert_close(out[:1], m(x[:1]).last_hidden_state)
     assert torch.isfinite(out).all()
 
 
@@ -128,7 +127,7 @@ def test_encoder_packing_prefix_and_holey_masks():
                 m.config.attn_implementation = impl
                 outs[impl] = m.encoder(hidden, mask)[0]
         for impl in ("sdpa", "triton"):
-            torch.testing.assert_close(outs[impl][mask], outs["eager"][mask], **TOL)
+            assert_close(outs[impl][mask], outs["eager"][mask])
             assert (outs[impl][~mask] == 0).all()
 
 
@@ -143,7 +142,7 @@ def test_padding_does_not_leak():
     with torch.no_grad():
         a, b = (m(v, attention_mask=mask).last_hidden_state for v in (x, y))
     real = m._get_feat_extract_output_lengths(400)
-    torch.testing.assert_close(a[1, :real - 2], b[1, :real - 2], **TOL)  # last frames see padded samples
+    assert_close(a[1, :real - 2], b[1, :real - 2])  # last frames see padded samples
 
 
 def test_kernel_backend_cuda_forces_the_extension_where_an_op_has_it():
@@ -160,7 +159,7 @@ def test_kernel_backends_and_switch_names():
     with torch.no_grad():
         ref = m(x).last_hidden_state
         m.config.kernel_backend = "auto"  # whatever the dispatcher picks on this machine
-        torch.testing.assert_close(m(x).last_hidden_state, ref, **TOL)
+        assert_close(m(x).last_hidden_state, ref)
     cfg = unispeech.UniSpeechConfig(**TINY)
     assert (cfg.attn_implementation, cfg.kernel_backend, cfg.batch_invariant_group_norm) == ("sdpa", "auto", False)
     m = unispeech.UniSpeechModel(cfg, attn_implementation="eager", kernel_backend="torch")
@@ -261,4 +260,4 @@ def test_torch_compile_fullgraph_matches_eager(cls):
         ref = m(x, attention_mask=mask)[key]
         out = torch.compile(m, fullgraph=True, backend="aot_eager")(x, attention_mask=mask)[key]
     frames = m._get_feature_vector_attention_mask(ref.shape[1], mask)
-    torch.testing.assert_close(out[frames], ref[frames], **TOL)
+    assert_close(out[frames], ref[frames])

@@ -15,9 +15,8 @@ import torch
 import transformers
 
 import unispeech
-from tolerances import ALLCLOSE
+from tests.tolerances import assert_close
 
-TOL = ALLCLOSE[torch.float32]
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=5,
             num_conv_pos_embedding_groups=4, codevector_dim=16, proj_codevector_dim=16,
@@ -88,8 +87,7 @@ def assert_same(theirs, ours, name="output", frames=None):
             assert_same(a, b, f"{name}[{i}]", frames)
     else:
         assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-        torch.testing.assert_close(real(ours, frames), real(theirs, frames), **TOL,
-                                   msg=lambda m: f"{name}: {m}")
+        assert_close(real(ours, frames), real(theirs, frames), name=name)
 
 
 def assert_outputs_equal(theirs, ours, extra=(), frames=None):
@@ -149,7 +147,7 @@ def test_ctc_loss_semantics(reduction, zero_inf):
         theirs = hf(x, attention_mask=mask, labels=labels).loss
         mine = ours(x, attention_mask=mask, labels=labels).loss
     assert torch.isfinite(mine) == zero_inf or reduction == "sum"
-    torch.testing.assert_close(mine, theirs, **TOL)
+    assert_close(mine, theirs)
     with pytest.raises(ValueError, match="vocab_size"):
         ours(x, labels=torch.tensor([[1, 11], [2, 3]]))
 
@@ -179,7 +177,7 @@ def test_training_spec_augment_and_layerdrop_match():
         assert (p.grad is None) == (theirs is None), f"{name}: gradient presence differs (dropped layer?)"
         if theirs is not None:
             reached += 1
-            torch.testing.assert_close(p.grad, theirs, **TOL, msg=lambda m: f"{name}: {m}")
+            assert_close(p.grad, theirs, name=name)
     assert reached > len(grads_hf) // 2
 
 

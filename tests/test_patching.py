@@ -6,7 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 import unispeech_kernels  # noqa: E402
 from unispeech_kernels import patch_model, unpatch_model  # noqa: E402
-from tolerances import ALLCLOSE  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
@@ -62,7 +62,7 @@ def test_patched_matches_unpatched(kind, norm, stable):
         back = _main_output(model(audio, attention_mask=mask))
     for rows in zip(_real_frames(model, mask), range(2)):
         frames, b = rows
-        torch.testing.assert_close(got[b, frames], ref[b, frames], **ALLCLOSE[torch.float32])
+        assert_close(got[b, frames], ref[b, frames])
     assert torch.equal(back, ref), "unpatch_model must restore bit-identical outputs"
 
 
@@ -96,7 +96,7 @@ def test_hubert_conv_pos_batch_norm():
         patch_model(model)
         got = model(audio, attention_mask=mask).last_hidden_state
     for b, frames in enumerate(_real_frames(model, mask)):
-        torch.testing.assert_close(got[b, frames], ref[b, frames], **ALLCLOSE[torch.float32])
+        assert_close(got[b, frames], ref[b, frames])
 
 
 def test_save_pretrained_after_patch(tmp_path):

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import unispeech_kernels  # noqa: E402,F401  (registers "triton" with transformers)
-from tests.tolerances import ALLCLOSE  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
 from unispeech_kernels.integrations import transformers as integration  # noqa: E402
 from unispeech_kernels.ops.attention import attention_op  # noqa: E402
 
@@ -61,8 +61,7 @@ def test_matches_sdpa_on_real_frames(name, stable):
         ref = ref_model(wave, attention_mask=mask).last_hidden_state
         out = model(wave, attention_mask=mask).last_hidden_state
     assert attention_op.last_reasons["triton"] is None  # the kernels ran (interpreter on CPU)
-    torch.testing.assert_close(_real_frames(model, out, mask), _real_frames(model, ref, mask),
-                               **ALLCLOSE[torch.float32])
+    assert_close(_real_frames(model, out, mask), _real_frames(model, ref, mask))
 
 
 def test_padding_mask_reaches_the_kernel(monkeypatch):
@@ -95,8 +94,7 @@ def test_from_pretrained_triton(tmp_path):
     with torch.no_grad():
         out = model(wave, attention_mask=mask).last_hidden_state
         ref = ref_model(wave, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(_real_frames(model, out, mask), _real_frames(model, ref, mask),
-                               **ALLCLOSE[torch.float32])
+    assert_close(_real_frames(model, out, mask), _real_frames(model, ref, mask))
 
 
 def test_gradients_match_sdpa():
