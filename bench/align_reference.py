@@ -7,7 +7,9 @@ docstring): states s = 0 .. 2L, blank at even s, label s // 2 at odd s;
                   else 1 if x1 > x0, else 0   (x_j = alpha[t-1][s - j]; x2 only at a label that
                   differs from the label before it)
     end state 2L if alpha[T-1][2L] > alpha[T-1][2L - 1], else 2L - 1
-with e(t, s) = log_probs[t, label(s)], or max over the non-blank classes for a star label.
+with e(t, s) = log_probs[t, label(s)], or for a star label max over the non-blank classes plus
+star_penalty, rounded to ``star_dtype`` (the backends' accumulation dtype: fp32 for fp32 / fp16 /
+bf16 input) as the backends round it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 
 
 def viterbi_numpy(log_probs, targets: Sequence[int], blank: int = 0, star: Optional[int] = None,
-                  dtype=np.float64):
+                  star_penalty: float = -1.0, star_dtype=np.float64, dtype=np.float64):
     """log_probs [T, C] (array-like), targets [L] -> (path [T] int64, scores [T], best score); path
     None (and scores empty) when no path has a finite score (T < L + repeats included)."""
     lp = np.asarray(log_probs, dtype=dtype)
@@ -27,7 +29,8 @@ def viterbi_numpy(log_probs, targets: Sequence[int], blank: int = 0, star: Optio
     n_s = len(labels)
     if n_t == 0:
         return (np.zeros(0, np.int64), np.zeros(0, dtype), 0.0) if not targets else (None, np.zeros(0, dtype), -np.inf)
-    star_em = np.where(np.arange(lp.shape[1]) == blank, -np.inf, lp).max(1)
+    star_em = np.where(np.arange(lp.shape[1]) == blank, -np.inf, lp).max(1).astype(star_dtype)
+    star_em = (star_em + star_dtype(star_penalty)).astype(dtype)
     wild = labels == star if star is not None else np.zeros(n_s, bool)
     em = np.where(wild[None, :], star_em[:, None], lp[:, np.where(wild, blank, labels)])  # [T, S]
     skip = np.zeros(n_s, bool)
@@ -51,5 +54,5 @@ def viterbi_numpy(log_probs, targets: Sequence[int], blank: int = 0, star: Optio
     states = np.empty(n_t, np.int64)
     for t in range(n_t - 1, -1, -1):
         states[t] = state
-        state -= choice[t, state]
+        state -= int(choice[t, state])
     return labels[states].astype(np.int64), em[np.arange(n_t), states], best

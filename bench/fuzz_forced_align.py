@@ -4,7 +4,7 @@
     python -m bench.fuzz_forced_align --cases 1000 [--seed 0] [--triton-every 1] [--torchaudio]
 
 Each case is a padded batch (1-4 utterances of mixed lengths, 0-12 labels drawn from few classes so
-that repeats are common, some with the star id, frames from one short of the minimum to ~15 over,
+that repeats are common, some with the star id and a star penalty, frames from one short of the minimum to ~15 over,
 so infeasible rows occur; targets padded with -100; int32 or int64), log-probs in fp32 / fp16 /
 bf16 / fp64, sometimes non-contiguous, with all-blank stretches and sometimes -inf entries. Half
 the cases are quantised to multiples of 1/16 in [-16, 0]: every partial sum is exact in fp32, so
@@ -52,6 +52,7 @@ def random_case(gen: torch.Generator, device) -> dict:
     bsz, n_c = randint(1, 4), randint(2, 8)
     blank = randint(0, n_c - 1)
     star = n_c + randint(0, 2) if chance(0.3) else None
+    star_penalty = (0.0, -1.0, -0.5, -3.0625)[randint(0, 3)]
     classes = [c for c in range(n_c) if c != blank]
     rows, frames = [], []
     for _ in range(bsz):
@@ -83,12 +84,13 @@ def random_case(gen: torch.Generator, device) -> dict:
     for b, row in enumerate(rows):
         targets[b, :len(row)] = torch.tensor(row, dtype=targets.dtype)
     return dict(log_probs=lp.to(device), targets=targets.to(device), frames=frames, rows=rows, blank=blank,
-                star=star, exact=quantized or dtype == torch.float64)
+                star=star, star_penalty=star_penalty, exact=quantized or dtype == torch.float64)
 
 
 def run_backend(case, backend):
     return forced_align(case["log_probs"], case["targets"], case["frames"], [len(r) for r in case["rows"]],
-                        case["blank"], case["star"], infeasible="mark", backend=backend)
+                        case["blank"], case["star"], star_penalty=case["star_penalty"], infeasible="mark",
+                        backend=backend)
 
 
 def _is_ctc_path(path, row, blank) -> bool:
@@ -106,8 +108,10 @@ def compare_to_reference(case, alignment, scores, feasible) -> tuple:
     """(mismatch lines, rounding ties) of one backend's outputs against the numpy reference."""
     problems, ties = [], 0
     lp = case["log_probs"].double().cpu().numpy()
+    star_dtype = np.float64 if case["log_probs"].dtype == torch.float64 else np.float32
     for b, (row, n) in enumerate(zip(case["rows"], case["frames"])):
-        path, ref_scores, best = viterbi_numpy(lp[b, :n], row, case["blank"], case["star"])
+        path, ref_scores, best = viterbi_numpy(lp[b, :n], row, case["blank"], case["star"], case["star_penalty"],
+                                               star_dtype)
         got = alignment[b].cpu().numpy()
         got_scores = scores[b].double().cpu().numpy()
         if bool(feasible[b]) != (path is not None):

@@ -35,9 +35,14 @@ infeasible row holds -1 on every frame and -inf scores on its real frames.
 
 Star (``star=`` an id >= C, e.g. C): a wildcard label for what the model's vocabulary cannot spell
 (unknown characters, a word missing from the vocabulary, noise between segments). Target entries
-equal to ``star`` are labels like any other (a CTC state between blanks, repeats of it need a blank
-between), whose log-prob at frame t is the best non-blank class's, max_{c != blank} log_probs[t, c]
-(whisperX's wildcard emission); on the path they appear as ``star`` in the alignment with that score.
+equal to ``star`` are labels like any other (a CTC state between blanks, two in a row need a blank
+between them), whose log-prob at frame t is the best non-blank class's plus ``star_penalty``:
+max_{c != blank} log_probs[t, c] + star_penalty, rounded once to the accumulation dtype. With
+star_penalty = 0 it is whisperX's wildcard emission, which ties every real label on the frames
+that label explains best, and the tie rule then gives those frames to whichever comes later; the
+default -1 (the star counts e^-1 = 0.37 of the best class) leaves such frames to the real label and
+gives the star the frames nothing else in the transcript explains (at least one). On the path star
+labels appear as ``star`` in the alignment, with their star log-prob as the score.
 
 Backends: "torch" (the reference: vectorised over the batch and the states, one Python loop over
 frames, utterances sorted by length so finished ones drop out; int8 back-pointers [T, B, 2L + 1];
@@ -51,6 +56,7 @@ backends -> entry point -> aot_specs.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional, Sequence, Union
 
@@ -72,10 +78,11 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def star_emissions(log_probs: torch.Tensor, blank: int) -> torch.Tensor:
-    """[B, T] in the accumulation dtype: the best non-blank log-prob of each frame (-inf if C == 1)."""
+def star_emissions(log_probs: torch.Tensor, blank: int, penalty: float) -> torch.Tensor:
+    """[B, T] in the accumulation dtype: the best non-blank log-prob of each frame (-inf if C == 1)
+    plus ``penalty``."""
     is_blank = torch.arange(log_probs.shape[-1], device=log_probs.device) == blank
-    return log_probs.masked_fill(is_blank, float("-inf")).amax(-1).to(_accumulator(log_probs.dtype))
+    return log_probs.masked_fill(is_blank, float("-inf")).amax(-1).to(_accumulator(log_probs.dtype)) + penalty
 
 
 # ------------------------------------------------------------------- torch reference (backend)
@@ -193,7 +200,8 @@ def _lengths(value, name: str, batch: int, default: int, device) -> torch.Tensor
     return value.to(device=device, dtype=torch.long)
 
 
-def check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths, blank, star, infeasible):
+def check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
+                              infeasible):
     """Shape / dtype / device checks that need no data; returns the two lengths as [B] int64 tensors."""
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
         raise ValueError("forced_align: log_probs must be [batch, frames, classes], got "
@@ -215,6 +223,9 @@ def check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths,
     if star is not None and (isinstance(star, bool) or not isinstance(star, int) or star < n_c):
         raise ValueError(f"forced_align: star must be None or an id >= the {n_c} classes (e.g. {n_c}), so that it "
                          f"names no class of log_probs, got {star!r}")
+    if isinstance(star_penalty, bool) or not isinstance(star_penalty, (int, float)) or \
+            not -math.inf < star_penalty <= 0:
+        raise ValueError(f"forced_align: star_penalty must be a finite number <= 0, got {star_penalty!r}")
     if infeasible not in _INFEASIBLE_MODES:
         raise ValueError(f"forced_align: infeasible must be one of {_INFEASIBLE_MODES}, got {infeasible!r}")
     return (_lengths(input_lengths, "input_lengths", bsz, n_t, log_probs.device),
@@ -332,14 +343,16 @@ _BACKENDS = {"torch": (viterbi_torch, lambda block, n_s: n_s, True),
 
 @torch.library.custom_op("unispeech_kernels::forced_align", mutates_args=(),
                          schema="(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
-                                "int blank, int? star, bool raise_infeasible, str backend) -> (Tensor, Tensor, Tensor)")
-def forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible, backend):
+                                "int blank, int? star, float star_penalty, bool raise_infeasible, str backend) "
+                                "-> (Tensor, Tensor, Tensor)")
+def forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty, raise_infeasible,
+                    backend):
     """(alignment [B, T] int64, scores [B, T], feasible [B] bool) by ``backend`` ("torch" / "triton")."""
     frames, labels = check_values(log_probs, targets, input_lengths, target_lengths, blank, star)
     bsz, n_t, _ = log_probs.shape
     device = log_probs.device
     run, frame_bytes, padded = _BACKENDS[backend]
-    star_em = star_emissions(log_probs, blank) if star is not None else None
+    star_em = star_emissions(log_probs, blank, star_penalty) if star is not None else None
     alignment = torch.full((bsz, n_t), -1, dtype=torch.long, device=device)
     scores = torch.zeros(bsz, n_t, dtype=_accumulator(log_probs.dtype), device=device)
     best = torch.empty(bsz, dtype=scores.dtype, device=device)
@@ -363,7 +376,7 @@ def forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, st
 
 
 @forced_align_op.register_fake
-def _(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible, backend):
+def _(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty, raise_infeasible, backend):
     bsz, n_t, _ = log_probs.shape
     return (log_probs.new_empty((bsz, n_t), dtype=torch.long),
             log_probs.new_empty((bsz, n_t), dtype=_accumulator(log_probs.dtype)),
@@ -376,11 +389,13 @@ forced_align_dispatch = Op("forced_align")
 
 
 @forced_align_dispatch.register("torch", check=lambda *args: None)
-def forced_align_torch(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible):
-    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible, "torch")
+def forced_align_torch(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
+                       raise_infeasible):
+    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
+                           raise_infeasible, "torch")
 
 
-def _triton_check(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible):
+def _triton_check(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty, raise_infeasible):
     reason = triton_device_reason(log_probs, targets, input_lengths, target_lengths)
     if reason:
         return reason
@@ -395,8 +410,10 @@ def _triton_check(log_probs, targets, input_lengths, target_lengths, blank, star
 
 
 @forced_align_dispatch.register("triton", check=_triton_check)
-def forced_align_triton(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible):
-    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, raise_infeasible, "triton")
+def forced_align_triton(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
+                        raise_infeasible):
+    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
+                           raise_infeasible, "triton")
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -404,14 +421,16 @@ def forced_align_triton(log_probs, targets, input_lengths, target_lengths, blank
 def forced_align(log_probs: torch.Tensor, targets: torch.Tensor,
                  input_lengths: Union[torch.Tensor, Sequence[int], None] = None,
                  target_lengths: Union[torch.Tensor, Sequence[int], None] = None, blank: int = 0,
-                 star: Optional[int] = None, *, infeasible: str = "raise", backend: Optional[str] = None):
+                 star: Optional[int] = None, *, star_penalty: float = -1.0, infeasible: str = "raise",
+                 backend: Optional[str] = None):
     """The most likely CTC alignment of each utterance (see the module docstring): returns
     (alignment [B, T] int64, scores [B, T]), plus feasible [B] bool with ``infeasible="mark"``.
     ``backend``: None (Triton on CUDA and under TRITON_INTERPRET=1, else torch), "triton" or "torch"."""
     input_lengths, target_lengths = check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths,
-                                                              blank, star, infeasible)
+                                                              blank, star, star_penalty, infeasible)
     alignment, scores, feasible = forced_align_dispatch(log_probs, targets, input_lengths, target_lengths, blank,
-                                                        star, infeasible == "raise", backend=backend)
+                                                        star, float(star_penalty), infeasible == "raise",
+                                                        backend=backend)
     return (alignment, scores) if infeasible == "raise" else (alignment, scores, feasible)
 
 
