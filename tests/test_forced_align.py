@@ -197,10 +197,21 @@ def test_infeasible_rows_raise_or_are_marked(backend):
 def test_no_path_of_finite_score_is_infeasible(backend):
     lp = quantized_log_probs(2, 5, 3)
     lp[0, :, 2] = NEG_INF  # label 2 can never be emitted
-    with pytest.raises(ValueError, match="every path of utterance 0 scores -inf or NaN"):
+    with pytest.raises(ValueError, match="every path of utterance 0 scores -inf"):
         forced_align(lp, _t([[1, 2], [1, 2]]), backend=backend)
     feasible = forced_align(lp, _t([[1, 2], [1, 2]]), infeasible="mark", backend=backend)[2]
     assert feasible.tolist() == [False, True]
+
+
+def test_nan_and_inf_on_real_frames_raise():
+    lp = quantized_log_probs(2, 5, 3)
+    lp[1, 4] = float("nan")  # past utterance 1's 4 frames: ignored
+    forced_align(lp, _t([[1], [2]]), [5, 4])
+    for value in (float("nan"), float("inf")):
+        bad = lp.clone()
+        bad[1, 2, 1] = value
+        with pytest.raises(ValueError, match=rf"log_probs\[1, 2, 1\] = {value}: log-probs must be finite or -inf"):
+            forced_align(bad, _t([[1], [2]]), [5, 4])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

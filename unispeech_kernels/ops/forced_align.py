@@ -20,16 +20,16 @@ strictly more than the stay, else the stay; at the last frame the closing blank 
 strictly better than the last label. Read backwards from the last frame, a tie keeps the path in
 its state, so every state is entered at the earliest frame the scores allow (equal scores
 everywhere align target "a" over 3 frames as a a a), and an advance beats an equal skip (the blank
-between two labels is kept). Comparisons are IEEE (NaN compares false). Where torchaudio differs:
+between two labels is kept). Where torchaudio differs:
 its CUDA kernel stays on a skip = advance > stay tie and renormalises the scores every frame (near
 ties may round differently); both its kernels prune the states that can no longer reach the end in
 time, and on some targets with repeated labels that pruning drops states the best path needs, so
 its path scores lower than ours (3 of 726 utterances of ``python -m bench.fuzz_forced_align
 --torchaudio``); everywhere else the paths are identical.
 
-Frames t >= input_lengths[b] hold alignment -1 and score 0. An infeasible utterance (too few frames
-for its labels and repeats, or no path of finite score because log_probs hold -inf / NaN on every
-way to emit its targets) raises a ValueError naming it with ``infeasible="raise"`` (default); with
+log_probs must be finite or -inf on real frames (NaN and +inf raise). Frames t >= input_lengths[b]
+hold alignment -1 and score 0. An infeasible utterance (too few frames for its labels and repeats,
+or no path of finite score because log_probs hold -inf on every way to emit its targets) raises a ValueError naming it with ``infeasible="raise"`` (default); with
 ``infeasible="mark"`` the others are aligned and a third output feasible [B] bool is returned; an
 infeasible row holds -1 on every frame and -inf scores on its real frames.
 
@@ -45,7 +45,7 @@ gives the star the frames nothing else in the transcript explains (at least one)
 labels appear as ``star`` in the alignment, with their star log-prob as the score.
 
 Backends: "torch" (the reference: vectorised over the batch and the states, one Python loop over
-frames, utterances sorted by length so finished ones drop out; int8 back-pointers [T, B, 2L + 1];
+frames; int8 back-pointers [T, 2L + 1, B];
 any device, fp64 too) and "triton" (``forced_align_kernels.py``: one program per utterance runs the
 whole recursion and the backtracking; fp32 / fp16 / bf16 read as given; L <= 4096; back-pointers
 2 bits per state and frame, for L rounded up to a power of two (at least 32): at T = 90 000 frames
@@ -91,93 +91,90 @@ def viterbi_torch(log_probs, targets, frames: Sequence[int], labels: Sequence[in
                   star: Optional[int], star_em: Optional[torch.Tensor]):
     """(alignment [B, T] int64 with -1 past each length, scores [B, T], best [B] total path score)
     for checked inputs; ``frames`` / ``labels``: host lengths. Infeasible rows come back with their
-    best score -inf or NaN (the caller marks them)."""
+    best score -inf (the caller marks them). The state rows are kept states-major, [S, B], so
+    that the shifted reads are contiguous slabs; states past a row's 2L_b + 1 hold values that never
+    reach its real states (a state reads only lower ones), and a row's final scores are taken at its
+    last frame."""
     bsz, n_t, _ = log_probs.shape
     device, acc = log_probs.device, _accumulator(log_probs.dtype)
     neg_inf = float("-inf")
-    alignment = torch.full((bsz, n_t), -1, dtype=torch.long, device=device)
-    scores = torch.zeros(bsz, n_t, dtype=acc, device=device)
-    order = sorted(range(bsz), key=lambda b: -frames[b])  # longest first: the active rows are a prefix
-    sorted_frames = [frames[b] for b in order]
-    perm = torch.tensor(order, dtype=torch.long, device=device)
-    n_labels = torch.tensor([labels[b] for b in order], dtype=torch.long, device=device)
     max_l = max(labels, default=0)
     n_s = 2 * max_l + 1
-    tg = targets[:, :max_l].index_select(0, perm).long()
+    n_run = max(frames, default=0)
+    n_labels = torch.tensor(labels, dtype=torch.long, device=device)
+    tg = targets[:, :max_l].long()
     state_label = torch.full((bsz, n_s), blank, dtype=torch.long, device=device)
     state_label[:, 1::2] = tg
     valid = torch.arange(n_s, device=device)[None, :] < (2 * n_labels + 1)[:, None]
-    wild = None
-    if star is not None:
-        wild = (state_label == star) & valid
-        col = state_label.masked_fill(wild | ~valid, blank)
-    else:
-        col = state_label.masked_fill(~valid, blank)
+    wild = (state_label == star) & valid if star is not None else None
+    col = state_label.masked_fill(~valid if wild is None else wild | ~valid, blank)  # [B, S] classes to read
     skip = torch.zeros(bsz, n_s, dtype=torch.bool, device=device)
     skip[:, 3::2] = tg[:, 1:] != tg[:, :-1]
-    skip &= valid
+    skip_bias = torch.zeros(n_s, bsz, dtype=acc, device=device).masked_fill_(~skip.t(), neg_inf)
 
-    def emissions(t0, t1):  # [B, t1 - t0, S]: the log-prob of each state's label, -inf past the row's states
-        chunk = log_probs[:, t0:t1].index_select(0, perm)
-        e = chunk.gather(2, col[:, None, :].expand(-1, t1 - t0, -1)).to(acc)
+    flat_col = (col.t() * bsz + torch.arange(bsz, device=device)).reshape(-1)  # into a frame's [C, B]
+
+    def emissions(t0, t1):  # [t1 - t0, S, B]: the log-prob of each state's label
+        chunk = log_probs[:, t0:t1].permute(1, 2, 0).reshape(t1 - t0, -1)  # [n, C * B]
+        e = chunk.index_select(1, flat_col).view(t1 - t0, n_s, bsz).to(acc)
         if wild is not None:
-            e = torch.where(wild[:, None, :], star_em[:, t0:t1].index_select(0, perm)[:, :, None], e)
-        return e.masked_fill(~valid[:, None, :], neg_inf)
+            e = torch.where(wild.t(), star_em[:, t0:t1].t()[:, None, :], e)
+        return e
 
-    n_run = sorted_frames[0] if bsz else 0
-    # alpha lives in buf[:, 2:]; the two -inf columns in front make the shifted reads of states 0, 1
-    buf = torch.full((bsz, n_s + 2), neg_inf, dtype=acc, device=device)
-    backptr = torch.empty(max(n_run, 1), bsz, n_s, dtype=torch.int8, device=device)
-    n_active, active = [], bsz  # rows with frames > t (finished rows keep their last alpha)
+    # alpha lives in buf[2:]; the two -inf rows in front make the shifted reads of states 0 and 1
+    buf = torch.full((n_s + 2, bsz), neg_inf, dtype=acc, device=device)
+    stay, adv = buf[2:], buf[1:-1]
+    jump, best = (torch.empty(n_s, bsz, dtype=acc, device=device) for _ in range(2))
+    take1, take2 = (torch.empty(n_s, bsz, dtype=torch.bool, device=device) for _ in range(2))
+    # choice per state: take1 + 2 take2 (3, both set, is the skip too)
+    backptr = torch.empty(max(n_run, 1), n_s, bsz, dtype=torch.int8, device=device)
+    last_blank = 2 * n_labels
+    final = torch.full((2, bsz), neg_inf, dtype=acc, device=device)  # [closing blank, last label] alphas
+    ends = {}
+    for b, f in enumerate(frames):
+        if f:
+            ends.setdefault(f - 1, []).append(b)
+    ends = {t: torch.tensor(rows, device=device) for t, rows in ends.items()}
     for t in range(n_run):
-        while sorted_frames[active - 1] <= t:
-            active -= 1
-        n_active.append(active)
-    two = torch.tensor(2, dtype=torch.int8, device=device)
-    if n_run:
-        e = emissions(0, min(_TIME_CHUNK, n_run))
-        buf[:, 2:4] = e[:, 0, :2]
-    for t in range(1, n_run):
-        active = n_active[t]
         if t % _TIME_CHUNK == 0:
             e = emissions(t, min(t + _TIME_CHUNK, n_run))
-        stay, adv = buf[:active, 2:], buf[:active, 1:-1]
-        jump = torch.where(skip[:active], buf[:active, :-2], neg_inf)
-        take2 = (jump > adv) & (jump > stay)
-        take1 = (adv > stay) & ~take2
-        best = torch.where(take2, jump, torch.where(take1, adv, stay))
-        torch.where(take2, two, take1, out=backptr[t, :active])
-        torch.add(best, e[:active, t % _TIME_CHUNK], out=stay)
+        if t == 0:
+            buf[2:4] = e[0, :2]
+        else:
+            # no NaN or +inf (checked): the tie rule's choice is max(...) with strict comparisons
+            torch.add(buf[:-2], skip_bias, out=jump)
+            torch.gt(adv, stay, out=take1)
+            torch.maximum(stay, adv, out=best)
+            torch.gt(jump, best, out=take2)
+            torch.maximum(best, jump, out=best)
+            torch.add(take1.view(torch.int8), take2.view(torch.int8), alpha=2, out=backptr[t])
+            torch.add(best, e[t % _TIME_CHUNK], out=stay)
+        if t in ends:  # rows whose last frame this is
+            rows = ends[t]
+            final[:, rows] = stay[:, rows].gather(0, torch.stack([last_blank[rows], (last_blank[rows] - 1).clamp(min=0)]))
 
-    alpha = buf[:, 2:]
-    last_blank = (2 * n_labels)[:, None]
-    final_blank = alpha.gather(1, last_blank).squeeze(1)
-    final_label = alpha.gather(1, (last_blank - 1).clamp(min=0)).squeeze(1)
-    end_blank = (final_blank > final_label) | (n_labels == 0)
-    best = torch.where(end_blank, final_blank, final_label)
-    no_frames = torch.tensor([f == 0 for f in sorted_frames], dtype=torch.bool, device=device)
-    best = torch.where(no_frames, torch.where(n_labels == 0, 0.0, neg_inf).to(acc), best)
-    state = torch.where(end_blank, last_blank.squeeze(1), last_blank.squeeze(1) - 1)
-    states = torch.zeros(bsz, max(n_run, 1), dtype=torch.long, device=device)
+    end_blank = (final[0] > final[1]) | (n_labels == 0)
+    best_total = torch.where(end_blank, final[0], final[1])
+    no_frames = torch.tensor([f == 0 for f in frames], dtype=torch.bool, device=device)
+    best_total = torch.where(no_frames, torch.where(n_labels == 0, 0.0, neg_inf).to(acc), best_total)
+    state = torch.where(end_blank, last_blank, last_blank - 1)
+    frames_dev = torch.tensor(frames, dtype=torch.long, device=device)
+    states = torch.zeros(n_run, bsz, dtype=torch.long, device=device)
     for t in range(n_run - 1, -1, -1):
-        active = n_active[t]
-        states[:active, t] = state[:active]
+        states[t] = state
         if t:
-            state[:active] -= backptr[t, :active].gather(1, state[:active, None]).squeeze(1).long()
-    states = states[:, :n_run]
-    path_label = state_label.gather(1, states)
-    path_col = col.gather(1, states)
-    unsorted = torch.empty_like(perm)
-    unsorted[perm] = torch.arange(bsz, device=device)
-    path_label, path_col, best = (x.index_select(0, unsorted) for x in (path_label, path_col, best))
-    path_scores = log_probs[:, :n_run].gather(2, path_col[..., None]).squeeze(2).to(acc)
+            step = backptr[t].gather(0, state[None]).squeeze(0).long().clamp(max=2)
+            state = state - step * (frames_dev > t)
+    states = states.t()  # [B, T_run]
+    real = torch.arange(n_run, device=device)[None, :] < frames_dev[:, None]
+    path_scores = log_probs[:, :n_run].gather(2, col.gather(1, states)[..., None]).squeeze(2).to(acc)
     if wild is not None:
-        path_wild = wild.gather(1, states).index_select(0, unsorted)
-        path_scores = torch.where(path_wild, star_em[:, :n_run], path_scores)
-    real = torch.arange(n_run, device=device)[None, :] < torch.tensor(frames, device=device)[:, None]
-    alignment[:, :n_run] = path_label.masked_fill(~real, -1)
+        path_scores = torch.where(wild.gather(1, states), star_em[:, :n_run], path_scores)
+    alignment = torch.full((bsz, n_t), -1, dtype=torch.long, device=device)
+    scores = torch.zeros(bsz, n_t, dtype=acc, device=device)
+    alignment[:, :n_run] = state_label.gather(1, states).masked_fill(~real, -1)
     scores[:, :n_run] = path_scores.masked_fill(~real, 0.0)
-    return alignment, scores, best
+    return alignment, scores, best_total
 
 
 # ---------------------------------------------------------------------------- input contract
@@ -246,13 +243,21 @@ def check_values(log_probs, targets, input_lengths, target_lengths, blank, star)
     bad = ((ids < 0) | (ids >= n_c)) & in_label
     if star is not None:
         bad &= ids != star
-    host = torch.cat([input_lengths, target_lengths, is_blank.any(1).long(), bad.any(1).long()]).tolist()
-    frames, labels, blanks, bads = (host[i * bsz:(i + 1) * bsz] for i in range(4))
+    # NaN and +inf (no log-prob) on real frames: one pass over log_probs, in the same host sync
+    real = torch.arange(n_t, device=log_probs.device)[None, :] < input_lengths[:, None]
+    not_log_prob = ~(log_probs < math.inf) & real[..., None]
+    flags = [is_blank.any(1), bad.any(1), not_log_prob.flatten(1).any(1)]
+    host = torch.cat([input_lengths, target_lengths, *(f.long() for f in flags)]).tolist()
+    frames, labels, blanks, bads, nans = (host[i * bsz:(i + 1) * bsz] for i in range(5))
     for name, values, high, what in (("input_lengths", frames, n_t, "frames"), ("target_lengths", labels, n_l, "columns")):
         for b, v in enumerate(values):
             if not 0 <= v <= high:
                 raise ValueError(f"forced_align: {name}[{b}] = {v} is outside [0, {high}] (the {high} {what} given)")
     for b in range(bsz):
+        if nans[b]:
+            t, c = not_log_prob[b].nonzero()[0].tolist()
+            raise ValueError(f"forced_align: log_probs[{b}, {t}, {c}] = {log_probs[b, t, c].item()}: log-probs must be "
+                             "finite or -inf on the real frames")
         if blanks[b]:
             i = _first(is_blank[b])
             raise ValueError(f"forced_align: targets[{b}, {i}] is the blank id {blank}: targets hold labels only "
@@ -275,8 +280,8 @@ def _infeasible_message(targets, frames, labels, rows) -> str:
             parts.append(f"utterance {b} has {frames[b]} frames (input_lengths[{b}]) for {labels[b]} labels with "
                          f"{repeats} repeats, which need at least {need} (a blank separates each repeat)")
         else:
-            parts.append(f"every path of utterance {b} scores -inf or NaN (log_probs hold -inf / NaN on every way "
-                         "to emit its targets)")
+            parts.append(f"every path of utterance {b} scores -inf (log_probs hold -inf on every way to emit its "
+                         "targets)")
     more = f"; and {len(rows) - 5} more" if len(rows) > 5 else ""
     return (f"forced_align: no alignment for utterance(s) {rows[:5]}{'...' if len(rows) > 5 else ''}: "
             + "; ".join(parts) + more + ". Pass infeasible='mark' to align the others and mark these.")

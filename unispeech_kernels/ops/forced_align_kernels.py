@@ -10,10 +10,10 @@ buffer (double-buffered by frame parity, one barrier per frame) to be read shift
 (laid out so that the shifted read needs no mask: [-inf, label_0 .. | blank_0, blank_1 ..]).
 Choices, as torchaudio's CPU kernel makes them: the skip only when it beats both others, else the
 advance only when it beats the stay, else the stay (comparisons are strict, so ties go to the
-shortest step and NaN compares false). Back-pointers, 2 bits per state per frame: one nibble per
-pair (label choice 0 / 1 / 2 in bits 0-1, blank choice 0 / 1 in bit 2), 8 nibbles per int32 word
-(pair k in word k // 8 at bit 4 * (k % 8)), W = BLOCK_L / 8 words per frame. A choice is the state
-step back: state(t - 1) = state(t) - choice, for both kinds.
+shortest step; the caller has checked that no input is NaN or +inf). Back-pointers, 2 bits per
+state per frame: one nibble per pair (label choice 0 / 1 / 2 in bits 0-1, blank choice 0 / 1 in
+bit 2), 8 nibbles per int32 word (pair k in word k // 8 at bit 4 * (k % 8)), W = BLOCK_L / 8 words
+per frame. A choice is the state step back: state(t - 1) = state(t) - choice, for both kinds.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _forced_align_kernel(
     scratch_ptr,   # [B, 2, 2 * BLOCK_L + 2] fp32 scratch: the rows of the two frame parities
     align_ptr,     # [B, T] int64 out, prefilled with -1: the label of each real frame
     score_ptr,     # [B, T] fp32 out, prefilled with 0: the log-prob of that label
-    best_ptr,      # [B] fp32 out: the best path's total log-prob (-inf or NaN: no path of finite score)
+    best_ptr,      # [B] fp32 out: the best path's total log-prob (-inf: no path of finite score)
     stride_lb,     # log-probs batch stride (elements)
     stride_lt,     # log-probs frame stride
     stride_lc,     # log-probs class stride
