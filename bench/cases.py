@@ -4,8 +4,9 @@ A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without
 - "check": what `make gpu-check` runs: each issue's goal shapes once, bf16, in priority order, sized
            for the few minutes of benchmarking a GPU session's check leaves (bench/gpu_check.sh).
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
-- "cpu":   issue 2's CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
-           our model vs transformers; `make bench-cpu`): the op files collect no case there.
+- "cpu":   issue 2's CPU comparison (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
+           our model vs transformers) and issue 19's forced alignment of 64 utterances (`make bench-cpu`):
+           the other op files collect no case there.
 
 Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
 drawn uniformly in [S/2, S] (seeded), so every batch is padded the way real batches are.
