@@ -45,7 +45,7 @@ gives the star the frames nothing else in the transcript explains (at least one)
 labels appear as ``star`` in the alignment, with their star log-prob as the score.
 
 Backends: "torch" (the reference: vectorised over the batch and the states, one Python loop over
-frames; int8 back-pointers [T, 2L + 1, B];
+frames over the rows still running; int8 back-pointers, one per state per frame;
 any device, fp64 too) and "triton" (``forced_align_kernels.py``: one program per utterance runs the
 whole recursion and the backtracking; fp32 / fp16 / bf16 read as given; L <= 4096; back-pointers
 2 bits per state and frame, for L rounded up to a power of two (at least 32): at T = 90 000 frames
@@ -65,13 +65,14 @@ import triton
 
 from .._runtime import triton_device_reason
 from ..dispatch import Op
+from ._triton_helpers import TORCH_TO_TRITON, aot_spec
+from .forced_align_kernels import _forced_align_kernel
 
 BACKPOINTER_BUDGET = 2 << 30  # bytes of back-pointers per launch; larger batches run in groups
 MAX_TRITON_LABELS = 4096  # label pairs one Triton program holds
 _TIME_CHUNK = 256  # frames whose emissions the torch backend gathers at once
 _INFEASIBLE_MODES = ("raise", "mark")
 _LOG_PROB_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -91,18 +92,25 @@ def viterbi_torch(log_probs, targets, frames: Sequence[int], labels: Sequence[in
                   star: Optional[int], star_em: Optional[torch.Tensor]):
     """(alignment [B, T] int64 with -1 past each length, scores [B, T], best [B] total path score)
     for checked inputs; ``frames`` / ``labels``: host lengths. Infeasible rows come back with their
-    best score -inf (the caller marks them). The state rows are kept states-major, [S, B], so
-    that the shifted reads are contiguous slabs; states past a row's 2L_b + 1 hold values that never
-    reach its real states (a state reads only lower ones), and a row's final scores are taken at its
-    last frame."""
-    bsz, n_t, _ = log_probs.shape
+    best score -inf (the caller marks them).
+
+    Layout: the utterances sorted by length, longest first, and their state rows flat, row b at
+    b * W + 2 + s (W = 2L + 3: two -inf pads, then the states), so that a frame's work is a few
+    contiguous 1-D ops over the prefix of rows still running, the shifted reads are the same
+    buffer one and two places back, and a finished row keeps its last alphas. Pads read -inf
+    emissions and stay -inf; states past a row's 2L_b + 1 never reach its real states (a state
+    reads only lower ones)."""
+    bsz, n_t, n_c = log_probs.shape
     device, acc = log_probs.device, _accumulator(log_probs.dtype)
     neg_inf = float("-inf")
+    order = sorted(range(bsz), key=lambda b: -frames[b])
+    perm = torch.tensor(order, dtype=torch.long, device=device)
+    s_frames = [frames[b] for b in order]
+    n_labels = torch.tensor([labels[b] for b in order], dtype=torch.long, device=device)
     max_l = max(labels, default=0)
-    n_s = 2 * max_l + 1
-    n_run = max(frames, default=0)
-    n_labels = torch.tensor(labels, dtype=torch.long, device=device)
-    tg = targets[:, :max_l].long()
+    n_s, width = 2 * max_l + 1, 2 * max_l + 3
+    n_run = s_frames[0] if bsz else 0
+    tg = targets.index_select(0, perm)[:, :max_l].long()
     state_label = torch.full((bsz, n_s), blank, dtype=torch.long, device=device)
     state_label[:, 1::2] = tg
     valid = torch.arange(n_s, device=device)[None, :] < (2 * n_labels + 1)[:, None]
@@ -110,71 +118,83 @@ def viterbi_torch(log_probs, targets, frames: Sequence[int], labels: Sequence[in
     col = state_label.masked_fill(~valid if wild is None else wild | ~valid, blank)  # [B, S] classes to read
     skip = torch.zeros(bsz, n_s, dtype=torch.bool, device=device)
     skip[:, 3::2] = tg[:, 1:] != tg[:, :-1]
-    skip_bias = torch.zeros(n_s, bsz, dtype=acc, device=device).masked_fill_(~skip.t(), neg_inf)
 
-    flat_col = (col.t() * bsz + torch.arange(bsz, device=device)).reshape(-1)  # into a frame's [C, B]
+    def flat(x, fill):  # [B, S] -> [B * W] with ``fill`` at the pads
+        out = torch.full((bsz, width), fill, dtype=x.dtype, device=device)
+        out[:, 2:] = x
+        return out.reshape(-1)
 
-    def emissions(t0, t1):  # [t1 - t0, S, B]: the log-prob of each state's label
-        chunk = log_probs[:, t0:t1].permute(1, 2, 0).reshape(t1 - t0, -1)  # [n, C * B]
-        e = chunk.index_select(1, flat_col).view(t1 - t0, n_s, bsz).to(acc)
-        if wild is not None:
-            e = torch.where(wild.t(), star_em[:, t0:t1].t()[:, None, :], e)
-        return e
+    skip_bias = flat(torch.zeros(bsz, n_s, dtype=acc, device=device).masked_fill_(~skip, neg_inf), 0.0)
+    row_base = torch.arange(bsz, device=device) * width
+    flat_col = flat(col + torch.arange(bsz, device=device)[:, None] * n_c, 0)  # into a frame's [B * C]
+    pads = flat(torch.zeros(bsz, n_s, dtype=torch.bool, device=device), True)
+    flat_wild = flat(wild, False) if wild is not None else None
+    s_star = star_em.index_select(0, perm) if wild is not None else None
 
-    # alpha lives in buf[2:]; the two -inf rows in front make the shifted reads of states 0 and 1
-    buf = torch.full((n_s + 2, bsz), neg_inf, dtype=acc, device=device)
-    stay, adv = buf[2:], buf[1:-1]
-    jump, best = (torch.empty(n_s, bsz, dtype=acc, device=device) for _ in range(2))
-    take1, take2 = (torch.empty(n_s, bsz, dtype=torch.bool, device=device) for _ in range(2))
-    # choice per state: take1 + 2 take2 (3, both set, is the skip too)
-    backptr = torch.empty(max(n_run, 1), n_s, bsz, dtype=torch.int8, device=device)
-    last_blank = 2 * n_labels
-    final = torch.full((2, bsz), neg_inf, dtype=acc, device=device)  # [closing blank, last label] alphas
-    ends = {}
-    for b, f in enumerate(frames):
-        if f:
-            ends.setdefault(f - 1, []).append(b)
-    ends = {t: torch.tensor(rows, device=device) for t, rows in ends.items()}
+    def emissions(t0, t1):  # [t1 - t0, B * W]: the log-prob of each position's label, -inf at the pads
+        chunk = log_probs[:, t0:t1].index_select(0, perm).transpose(0, 1).reshape(t1 - t0, bsz * n_c)
+        e = chunk.index_select(1, flat_col).to(acc)
+        if flat_wild is not None:
+            e = torch.where(flat_wild, s_star[:, t0:t1].t()[:, :, None].expand(-1, -1, width).reshape(t1 - t0, -1), e)
+        return e.masked_fill_(pads, neg_inf)
+
+    n_pos = bsz * width
+    alpha = torch.full((n_pos + 2,), neg_inf, dtype=acc, device=device)  # position p at alpha[2 + p]
+    jump, best = (torch.empty(n_pos, dtype=acc, device=device) for _ in range(2))
+    take1, take2 = (torch.empty(n_pos, dtype=torch.bool, device=device) for _ in range(2))
+    backptr = torch.empty(max(n_run, 1), n_pos, dtype=torch.int8, device=device)  # take1 + 2 take2 (3: skip)
+    n_active, active = [], bsz  # rows with frames > t: a prefix
+    for t in range(n_run):
+        while s_frames[active - 1] <= t:
+            active -= 1
+        n_active.append(active)
+    first = flat((torch.arange(n_s, device=device) < 2).expand(bsz, n_s), False)
     for t in range(n_run):
         if t % _TIME_CHUNK == 0:
             e = emissions(t, min(t + _TIME_CHUNK, n_run))
         if t == 0:
-            buf[2:4] = e[0, :2]
-        else:
-            # no NaN or +inf (checked): the tie rule's choice is max(...) with strict comparisons
-            torch.add(buf[:-2], skip_bias, out=jump)
-            torch.gt(adv, stay, out=take1)
-            torch.maximum(stay, adv, out=best)
-            torch.gt(jump, best, out=take2)
-            torch.maximum(best, jump, out=best)
-            torch.add(take1.view(torch.int8), take2.view(torch.int8), alpha=2, out=backptr[t])
-            torch.add(best, e[t % _TIME_CHUNK], out=stay)
-        if t in ends:  # rows whose last frame this is
-            rows = ends[t]
-            final[:, rows] = stay[:, rows].gather(0, torch.stack([last_blank[rows], (last_blank[rows] - 1).clamp(min=0)]))
+            alpha[2:] = e[0].masked_fill(~first, neg_inf)
+            continue
+        m = n_active[t] * width
+        stay, adv = alpha[2:2 + m], alpha[1:1 + m]
+        # no NaN or +inf (checked): the tie rule's choice is max(...) with strict comparisons
+        torch.add(alpha[:m], skip_bias[:m], out=jump[:m])
+        torch.gt(adv, stay, out=take1[:m])
+        torch.maximum(stay, adv, out=best[:m])
+        torch.gt(jump[:m], best[:m], out=take2[:m])
+        torch.maximum(best[:m], jump[:m], out=best[:m])
+        torch.add(take1[:m].view(torch.int8), take2[:m].view(torch.int8), alpha=2, out=backptr[t, :m])
+        torch.add(best[:m], e[t % _TIME_CHUNK, :m], out=stay)
 
-    end_blank = (final[0] > final[1]) | (n_labels == 0)
-    best_total = torch.where(end_blank, final[0], final[1])
-    no_frames = torch.tensor([f == 0 for f in frames], dtype=torch.bool, device=device)
+    last_blank = 2 * n_labels
+    final_blank = alpha[row_base + 2 + last_blank + 2]
+    final_label = alpha[row_base + 2 + (last_blank - 1).clamp(min=0) + 2]
+    end_blank = (final_blank > final_label) | (n_labels == 0)
+    best_total = torch.where(end_blank, final_blank, final_label)
+    no_frames = torch.tensor([f == 0 for f in s_frames], dtype=torch.bool, device=device)
     best_total = torch.where(no_frames, torch.where(n_labels == 0, 0.0, neg_inf).to(acc), best_total)
     state = torch.where(end_blank, last_blank, last_blank - 1)
-    frames_dev = torch.tensor(frames, dtype=torch.long, device=device)
+    frames_dev = torch.tensor(s_frames, dtype=torch.long, device=device)
     states = torch.zeros(n_run, bsz, dtype=torch.long, device=device)
     for t in range(n_run - 1, -1, -1):
         states[t] = state
         if t:
-            step = backptr[t].gather(0, state[None]).squeeze(0).long().clamp(max=2)
+            step = backptr[t].index_select(0, row_base + 2 + state).long().clamp_(max=2)
             state = state - step * (frames_dev > t)
-    states = states.t()  # [B, T_run]
-    real = torch.arange(n_run, device=device)[None, :] < frames_dev[:, None]
-    path_scores = log_probs[:, :n_run].gather(2, col.gather(1, states)[..., None]).squeeze(2).to(acc)
+    states = states.t()  # [B, T_run], sorted rows
+    unsort = torch.empty_like(perm)
+    unsort[perm] = torch.arange(bsz, device=device)
+    path_label = state_label.gather(1, states).index_select(0, unsort)
+    path_col = col.gather(1, states).index_select(0, unsort)
+    real = torch.arange(n_run, device=device)[None, :] < torch.tensor(frames, device=device)[:, None]
+    path_scores = log_probs[:, :n_run].gather(2, path_col[..., None]).squeeze(2).to(acc)
     if wild is not None:
-        path_scores = torch.where(wild.gather(1, states), star_em[:, :n_run], path_scores)
+        path_scores = torch.where(wild.gather(1, states).index_select(0, unsort), star_em[:, :n_run], path_scores)
     alignment = torch.full((bsz, n_t), -1, dtype=torch.long, device=device)
     scores = torch.zeros(bsz, n_t, dtype=acc, device=device)
-    alignment[:, :n_run] = state_label.gather(1, states).masked_fill(~real, -1)
+    alignment[:, :n_run] = path_label.masked_fill(~real, -1)
     scores[:, :n_run] = path_scores.masked_fill(~real, 0.0)
-    return alignment, scores, best_total
+    return alignment, scores, best_total.index_select(0, unsort)
 
 
 # ---------------------------------------------------------------------------- input contract
@@ -311,8 +331,6 @@ def _block_labels(labels: Sequence[int]) -> int:
 def viterbi_triton(log_probs, targets, frames: Sequence[int], labels: Sequence[int], blank: int,
                    star: Optional[int], star_em: Optional[torch.Tensor]):
     """``viterbi_torch``'s outputs from one launch of the Triton kernel (one program per utterance)."""
-    from .forced_align_kernels import _forced_align_kernel
-
     bsz, n_t, _ = log_probs.shape
     device = log_probs.device
     block_l = _block_labels(labels)
@@ -404,7 +422,7 @@ def _triton_check(log_probs, targets, input_lengths, target_lengths, blank, star
     reason = triton_device_reason(log_probs, targets, input_lengths, target_lengths)
     if reason:
         return reason
-    if log_probs.dtype not in _TRITON_DTYPES:
+    if log_probs.dtype not in TORCH_TO_TRITON:
         return f"dtype {log_probs.dtype}: the kernel reads fp32 / fp16 / bf16 (the torch backend runs fp64 in fp64)"
     if targets.shape[1] > MAX_TRITON_LABELS:
         return f"{targets.shape[1]} labels > {MAX_TRITON_LABELS}: an utterance's states must fit one program"
@@ -444,9 +462,6 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor,
 def aot_specs():
     """The kernel at label blocks 128 (a 10 s utterance), 1024 (the design limit of a 30 s segment
     of fast speech) and 4096 (the largest), bf16, and fp32 with a star, for the compile check."""
-    from ._triton_helpers import aot_spec
-    from .forced_align_kernels import _forced_align_kernel
-
     specs = []
     for elem, block_l, has_star in (("bf16", 128, False), ("bf16", 1024, False), ("fp32", 1024, True),
                                     ("bf16", 4096, False)):
