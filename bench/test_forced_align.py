@@ -147,10 +147,9 @@ def e2e_setup(entry, model_name, dtype, device):
     n_seg = int(entry["hours"] * 3600 // seg)
     rng = np.random.default_rng(cases.SEED)
     audio = rng.standard_normal(n_seg * seg * cases.SAMPLE_RATE, dtype=np.float32)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz' "))
-    transcripts = [" ".join("".join(rng.choice(letters[:-1], size=LABELS_PER_S * seg)).split()) for _ in range(n_seg)]
-    for i, text in enumerate(transcripts):  # words of ~5 letters
-        transcripts[i] = " ".join(text[j:j + 5] for j in range(0, len(text), 5))
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz'"))
+    texts = ["".join(rng.choice(letters, size=LABELS_PER_S * seg)) for _ in range(n_seg)]
+    transcripts = [" ".join(text[j:j + 5] for j in range(0, len(text), 5)) for text in texts]  # 5-letter words
     segments = [(i * seg, (i + 1) * seg) for i in range(n_seg)]
     return model, processor, audio, transcripts, segments, [seg * cases.SAMPLE_RATE] * n_seg
 
