@@ -63,7 +63,8 @@ def test_token_and_word_spans_in_seconds(processor):
 
 def test_unknown_characters_become_one_star(processor):
     enc = encode_transcript(processor.tokenizer, "ab,; ca", star=7)
-    assert (enc.ids, enc.texts, enc.word_of) == ([2, 3, 7, 1, 4, 2], ["A", "B", ",;", "|", "C", "A"], [0, 0, 0, -1, 1, 1])
+    assert enc.ids == [2, 3, 7, 1, 4, 2] and enc.texts == ["A", "B", ",;", "|", "C", "A"]
+    assert enc.word_of == [0, 0, 0, -1, 1, 1]
     (seg,) = align(FrameModel(), processor, [_audio([0, 2, 3, 5, 0, 1, 4, 2])], ["ab,; ca"])
     assert [(t.token, t.token_id, t.start, t.end) for t in seg.tokens[:3]] == [("A", 2, 1, 2), ("B", 3, 2, 3),
                                                                                 (",;", 7, 3, 4)]

@@ -27,7 +27,8 @@ def quantized_log_probs(*shape, dtype=torch.float32, seed=0, floor=-16):
     return ((lp * 16).round().clamp(min=16 * floor) / 16).to(dtype).to(DEVICE)
 
 
-def assert_matches_reference(log_probs, targets, frames, labels, blank=0, star=None, backend="torch", star_penalty=-1.0):
+def assert_matches_reference(log_probs, targets, frames, labels, blank=0, star=None, backend="torch",
+                             star_penalty=-1.0):
     alignment, scores = forced_align(log_probs, targets, frames, labels, blank, star, star_penalty=star_penalty,
                                      backend=backend)
     lp = log_probs.double().cpu().numpy()
@@ -296,7 +297,8 @@ def test_opcheck(backend):
     (dict(targets=torch.ones(1, 2)), TypeError, "targets must hold integer label ids"),
     (dict(targets=torch.ones(2, 2, dtype=torch.long)), ValueError, "targets has 2 rows, log_probs 1"),
     (dict(targets=torch.tensor([[1, 0]])), ValueError, r"targets\[0, 1\] is the blank id 0"),
-    (dict(targets=torch.tensor([[1, 3]])), ValueError, r"targets\[0, 1\] = 3 is no class of log_probs \(0 <= label < 3\)"),
+    (dict(targets=torch.tensor([[1, 3]])), ValueError,
+     r"targets\[0, 1\] = 3 is no class of log_probs \(0 <= label < 3\)"),
     (dict(targets=torch.tensor([[-1, 1]])), ValueError, r"targets\[0, 0\] = -1 is no class"),
     (dict(targets=torch.tensor([[1, 4]]), star=3), ValueError, r"= 4 is no class of log_probs \(0 <= label < 3\) nor "
                                                                "the star id 3"),

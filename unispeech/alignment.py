@@ -193,9 +193,10 @@ def emissions(model, processor, waves: List[np.ndarray], sampling_rate: int, bat
     return log_probs, frames.clamp(max=log_probs.shape[1]).tolist()
 
 
-def align(model, processor, audio: Any, transcripts: Sequence[str], *, segments: Optional[Sequence[Tuple[float, float]]] = None,
-          sampling_rate: Optional[int] = None, batch_size: Optional[int] = None, unknown: str = "star",
-          star_penalty: float = -1.0, infeasible: str = "raise", backend: Optional[str] = None) -> List[SegmentAlignment]:
+def align(model, processor, audio: Any, transcripts: Sequence[str], *,
+          segments: Optional[Sequence[Tuple[float, float]]] = None, sampling_rate: Optional[int] = None,
+          batch_size: Optional[int] = None, unknown: str = "star", star_penalty: float = -1.0,
+          infeasible: str = "raise", backend: Optional[str] = None) -> List[SegmentAlignment]:
     """Word and token timestamps of each (audio, transcript) pair.
 
     ``audio``: a list of waveforms [samples] (one per transcript), or with ``segments`` = [(start_s,

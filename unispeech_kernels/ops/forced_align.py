@@ -24,14 +24,15 @@ between two labels is kept). Where torchaudio differs:
 its CUDA kernel stays on a skip = advance > stay tie and renormalises the scores every frame (near
 ties may round differently); both its kernels prune the states that can no longer reach the end in
 time, and on some targets with repeated labels that pruning drops states the best path needs, so
-its path scores lower than ours (3 of 726 utterances of ``python -m bench.fuzz_forced_align
+its path scores lower than ours (3 of 755 utterances of ``python -m bench.fuzz_forced_align
 --torchaudio``); everywhere else the paths are identical.
 
 log_probs must be finite or -inf on real frames (NaN and +inf raise). Frames t >= input_lengths[b]
 hold alignment -1 and score 0. An infeasible utterance (too few frames for its labels and repeats,
-or no path of finite score because log_probs hold -inf on every way to emit its targets) raises a ValueError naming it with ``infeasible="raise"`` (default); with
-``infeasible="mark"`` the others are aligned and a third output feasible [B] bool is returned; an
-infeasible row holds -1 on every frame and -inf scores on its real frames.
+or no path of finite score because log_probs hold -inf on every way to emit its targets) raises a
+ValueError naming it with ``infeasible="raise"`` (default); with ``infeasible="mark"`` the others
+are aligned and a third output feasible [B] bool is returned; an infeasible row holds -1 on every
+frame and -inf scores on its real frames.
 
 Star (``star=`` an id >= C, e.g. C): a wildcard label for what the model's vocabulary cannot spell
 (unknown characters, a word missing from the vocabulary, noise between segments). Target entries
@@ -221,8 +222,8 @@ def check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths,
                               infeasible):
     """Shape / dtype / device checks that need no data; returns the two lengths as [B] int64 tensors."""
     if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 3:
-        raise ValueError("forced_align: log_probs must be [batch, frames, classes], got "
-                         f"{tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__}")
+        got = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+        raise ValueError(f"forced_align: log_probs must be [batch, frames, classes], got {got}")
     if log_probs.dtype not in _LOG_PROB_DTYPES:
         raise TypeError(f"forced_align: log_probs must be fp32, fp16, bf16 or fp64, got {log_probs.dtype}")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
@@ -269,7 +270,8 @@ def check_values(log_probs, targets, input_lengths, target_lengths, blank, star)
     flags = [is_blank.any(1), bad.any(1), not_log_prob.flatten(1).any(1)]
     host = torch.cat([input_lengths, target_lengths, *(f.long() for f in flags)]).tolist()
     frames, labels, blanks, bads, nans = (host[i * bsz:(i + 1) * bsz] for i in range(5))
-    for name, values, high, what in (("input_lengths", frames, n_t, "frames"), ("target_lengths", labels, n_l, "columns")):
+    for name, values, high, what in (("input_lengths", frames, n_t, "frames"),
+                                     ("target_lengths", labels, n_l, "columns")):
         for b, v in enumerate(values):
             if not 0 <= v <= high:
                 raise ValueError(f"forced_align: {name}[{b}] = {v} is outside [0, {high}] (the {high} {what} given)")
