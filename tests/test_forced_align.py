@@ -266,12 +266,13 @@ def test_dispatch_and_reasons():
     assert reason is not None and ("4097 labels > 4096" in reason or not HAS_TRITON)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     lp = quantized_log_probs(2, 10, 4)
     targets = _t([[1, 2, 2], [3, 0, 0]])
 
     def fn(lp, targets, lengths):
-        alignment, scores = forced_align(lp, targets, target_lengths=lengths, backend="torch")
+        alignment, scores = forced_align(lp, targets, target_lengths=lengths, backend=backend)
         return alignment, scores.sum(1)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
