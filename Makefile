@@ -43,7 +43,7 @@ check-kernels: $(STAMP)
 BENCH_PY    ?= python3
 BENCH_FILES := bench/test_attention.py bench/test_attention_packed.py bench/test_pos_conv.py \
                bench/test_first_conv_layer.py bench/test_feature_encoder.py bench/test_e2e.py \
-               bench/test_bench_pretraining.py
+               bench/test_bench_pretraining.py bench/test_forced_align.py
 BENCH_OPTS  := -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds --benchmark-sort=name
 NEWEST      = $$(ls -t bench/results/*.json | head -1)
 
@@ -52,9 +52,10 @@ bench:
 	BENCH_PROFILE=$${BENCH_PROFILE:-full} $(BENCH_PY) -m pytest $(BENCH_OPTS) $(BENCH_FILES); s=$$?; \
 	$(BENCH_PY) -m bench.report --summary $(NEWEST); exit $$s
 
-# issue 2's CPU comparison: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers
+# issue 2's CPU comparison: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers; issue
+# 19's: forced alignment of 64 utterances, batched vs a per-utterance numpy loop (and torchaudio)
 bench-cpu: $(STAMP)
-	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py; s=$$?; \
+	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py bench/test_forced_align.py; s=$$?; \
 	$(PY) -m bench.report --summary $(NEWEST); exit $$s
 
 # on a CUDA machine, no network: build, GPU tests, benchmarks, results + plots, summary (<= 9 min)

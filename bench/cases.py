@@ -4,8 +4,9 @@ A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without
 - "check": what `make gpu-check` runs: each issue's goal shapes once, bf16, in priority order, sized
            for the few minutes of benchmarking a GPU session's check leaves (bench/gpu_check.sh).
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
-- "cpu":   issue 2's CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
-           our model vs transformers; `make bench-cpu`): the op files collect no case there.
+- "cpu":   issue 2's CPU comparison (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
+           our model vs transformers) and issue 19's forced alignment of 64 utterances (`make bench-cpu`):
+           the other op files collect no case there.
 
 Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
 drawn uniformly in [S/2, S] (seeded), so every batch is padded the way real batches are.
@@ -61,6 +62,12 @@ def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
     return out
 
 
+# Forced alignment (issue 19), fp32 log-probs at 50 frames/s, vocab 32, ~15 characters/s: 64
+# utterances of 4-16 s, and one 30-minute file cut into 30 s segments; align() end to end on 1 hour.
+FORCED_ALIGN_GPU = [dict(utterances=64, seconds=(4, 16), impls=["triton", "torchaudio"]),
+                    dict(file_minutes=30, segment_s=30, impls=["triton", "torchaudio"])]
+ALIGN_E2E = [dict(models=["base"], hours=1, segment_s=30, impls=["ours"])]
+
 # Each list entry is one shape; every implementation named runs at it, side by side.
 # "dtypes" are torch dtype names; "seconds" the longest utterance; "batch" the batch size.
 PROFILES = {
@@ -78,6 +85,8 @@ PROFILES = {
         "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8, impls=["triton", "cuda", "torch", "compile"])],
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
         "e2e_ctc_train_step": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
+        "forced_align": FORCED_ALIGN_GPU,
+        "align_e2e": ALIGN_E2E,
     },
     "full": {
         "dtypes": ["bfloat16", "float16"],
@@ -94,6 +103,8 @@ PROFILES = {
                                impls=["ours", "hf_sdpa", "hf_compile", "hf_patched"])],
         "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[5, 10, 20], batch=8,
                                     impls=["ours", "hf_sdpa", "hf_compile"])],
+        "forced_align": FORCED_ALIGN_GPU,
+        "align_e2e": ALIGN_E2E,
     },
     "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
         "dtypes": ["float32"],
@@ -104,6 +115,9 @@ PROFILES = {
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
                                lengths=[160000, 112000])],  # exactly 10 s and 7 s
         "e2e_ctc_train_step": [],
+        # issue 19's CPU comparison: the batched torch backend vs the per-utterance numpy loop
+        "forced_align": [dict(utterances=64, seconds=(4, 16), impls=["ours", "numpy_loop", "torchaudio"])],
+        "align_e2e": [],
     },
 }
 

@@ -159,3 +159,20 @@ def ctc_train_step_flops(sample_lengths: Sequence[int], cfg: dict) -> float:
     The AdamW update is elementwise (bytes, not FLOPs) and is not counted."""
     total, fe = model_forward_flops(sample_lengths, cfg)
     return total + 2.0 * (total - fe)
+
+
+def viterbi_cells(frames: Sequence[int], labels: Sequence[int]) -> int:
+    """CTC Viterbi work: one (frame, state) cell per real frame and each of the 2L + 1 states."""
+    return sum(t * (2 * n + 1) for t, n in zip(frames, labels))
+
+
+def forced_align_flops(frames: Sequence[int], labels: Sequence[int]) -> float:
+    """4 operations per cell: three comparisons choosing among <= 3 predecessors, one add (FLOP-like
+    work: the recursion has no multiplies)."""
+    return 4.0 * viterbi_cells(frames, labels)
+
+
+def forced_align_bytes(frames: Sequence[int], labels: Sequence[int], classes: int, elem: int) -> float:
+    """Read each real frame's log-probs and the targets (int64) once, write alignment (int64) and
+    scores (fp32) per frame; back-pointers a perfect kernel keeps on chip are not counted."""
+    return sum(t * (classes * elem + 12) + 8 * n for t, n in zip(frames, labels))

@@ -1,4 +1,5 @@
 """Hugging Face-compatible UniSpeech model layer; the hot spots run unispeech_kernels ops."""
+from .alignment import align
 from .configuration import UniSpeechConfig
 from .heads import UniSpeechForCTC, UniSpeechForPreTraining, UniSpeechForSequenceClassification
 from .modeling import UniSpeechModel, UniSpeechPreTrainedModel
@@ -6,4 +7,4 @@ from .processing import UniSpeechCTCTokenizer, UniSpeechFeatureExtractor, UniSpe
 
 __all__ = ["UniSpeechConfig", "UniSpeechModel", "UniSpeechForCTC", "UniSpeechForSequenceClassification",
            "UniSpeechForPreTraining", "UniSpeechPreTrainedModel", "UniSpeechFeatureExtractor",
-           "UniSpeechCTCTokenizer", "UniSpeechProcessor"]
+           "UniSpeechCTCTokenizer", "UniSpeechProcessor", "align"]

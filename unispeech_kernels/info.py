@@ -65,8 +65,16 @@ def _example_attention_packed(device, dtype):
     return (q, k, v, lengths), dict(dropout_p=0.0, softmax_scale=None)
 
 
+def _example_forced_align(device, dtype):
+    """CTC log-probs of the two utterances (vocab 32), transcripts of 15 characters per second."""
+    e = dict(device=device)
+    frames, labels = torch.tensor([FRAMES, FRAMES // 2], **e), torch.tensor([150, 75], **e)
+    return (torch.empty(BATCH, FRAMES, 32, dtype=dtype, **e), torch.ones(BATCH, 150, dtype=torch.long, **e), frames,
+            labels, 0, None, -1.0, True), {}
+
+
 EXAMPLES = {"attention": _example_attention, "attention_packed": _example_attention_packed,
-            "feature_encoder": _example_feature_encoder,
+            "feature_encoder": _example_feature_encoder, "forced_align": _example_forced_align,
             "first_conv_layer": _example_first_conv_layer, "pos_conv": _example_pos_conv}
 
 
