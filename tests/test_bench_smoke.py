@@ -209,7 +209,7 @@ def test_tuned_choices_reports_what_each_autotuner_picked():
     it) comes back with its key and config; a report of a run that tuned nothing has no section."""
     import unispeech_kernels  # noqa: F401  (imports every op)
     from unispeech_kernels.ops.attention import FWD_CONFIGS
-    from unispeech_kernels.ops._triton_helpers import AUTOTUNED, tuned_choices
+    from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
     assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
                               "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}
     tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, "torch.bfloat16")
