@@ -6,6 +6,8 @@ A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
 - "cpu":   issue 2's CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
            our model vs transformers; `make bench-cpu`): the op files collect no case there.
+Every registered op (``unispeech_kernels.ops.OP_MODULES``) has a section in every profile: the
+cases given below, else none; the model-level sections are ``MODEL_SECTIONS``.
 
 Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
 drawn uniformly in [S/2, S] (seeded), so every batch is padded the way real batches are.
@@ -16,6 +18,9 @@ import os
 import random
 
 import torch
+
+from unispeech_kernels.ops import registered_ops
+from unispeech_kernels.padding import conv_output_length
 
 SAMPLE_RATE = 16000
 SEED = 1234
@@ -53,12 +58,15 @@ def padded_audio(lengths, dtype, device):
 
 
 def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
-    out = []
-    for n in sample_lengths:
-        for k, s in zip(cfg["conv_kernel"], cfg["conv_stride"]):
-            n = (n - k) // s + 1
-        out.append(n)
-    return out
+    return [conv_output_length(n, cfg["conv_kernel"], cfg["conv_stride"]) for n in sample_lengths]
+
+
+MODEL_SECTIONS = ("e2e_inference", "e2e_ctc_train_step")  # our model against transformers
+
+
+def _with_every_op(profile: dict) -> dict:
+    """The profile with a section for every registered op (no cases where it names none)."""
+    return {**{op.name: [] for op in registered_ops()}, **profile}
 
 
 # Each list entry is one shape; every implementation named runs at it, side by side.
@@ -97,10 +105,6 @@ PROFILES = {
     },
     "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
         "dtypes": ["float32"],
-        "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[], packed_fwd=[], packed_bwd=[]),
-        "pos_conv": dict(models=[], seconds=[], batch=2, fwd=[], fwd_bwd=[]),
-        "first_conv_layer": [],
-        "feature_encoder": [],
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
                                lengths=[160000, 112000])],  # exactly 10 s and 7 s
         "e2e_ctc_train_step": [],
@@ -128,8 +132,15 @@ def expand(entries, impl_key: str = "impls"):
     return out
 
 
+PROFILES = {name: _with_every_op(p) for name, p in PROFILES.items()}
+
+
 def section(name: str):
-    return PROFILES[profile()][name]
+    """The profile's cases for an op (by its registered name) or a model-level section."""
+    sections = PROFILES[profile()]
+    if name not in sections and name not in MODEL_SECTIONS:
+        raise ValueError(f"no benchmark section {name!r}; valid: {sorted(sections)}")
+    return sections.get(name, [])
 
 
 def dtypes():

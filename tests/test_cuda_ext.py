@@ -253,3 +253,26 @@ def test_feature_encoder_cuda_backend_matches_reference(dtype, norm_mode):
         eager = feature_encoder_reference(*args)
     assert feature_encoder_op.last_reasons["cuda"] is None
     assert_error_within(out, ref, eager, dtype, f"feature_encoder[cuda, {norm_mode}]")
+
+
+@pytest.mark.skipif(NOT_BUILT, reason="CUDA extension not built")
+def test_python_limits_are_the_extensions():
+    """The backend's limits are what the built extension exports from csrc/first_conv_layer.cuh, and
+    its shared-memory answer flips where the bindings' own check does (Meta tensors: no GPU)."""
+    from tests.test_dispatch import _header_constants
+
+    h = _header_constants()
+    assert dict(_cuda.kernel_limits()) == {"channels": h["FCL_MAX_C"], "kernel size": h["FCL_MAX_K"],
+                                           "batch (a grid axis)": h["FCL_MAX_BATCH"]}
+    k = 10
+    largest = (h["FCL_MAX_SMEM_BYTES"] // 4 - k - 2 * 32 * h["FCL_T_TILE"]) // (h["FCL_T_TILE"] - 1)
+    w = torch.empty(8, 1, k, device="meta")
+    for stride in (largest, largest + 1):
+        x = torch.empty(1, k + stride, device="meta")
+        fits = _cuda.fits_shared_memory(k, stride)
+        assert fits == (stride == largest)
+        if fits:
+            torch.ops.unispeech_cuda.first_conv_layer(x, w, None, stride, 0, None, None, 1e-5, None)
+        else:
+            with pytest.raises(RuntimeError, match="shared-memory sample tile"):
+                torch.ops.unispeech_cuda.first_conv_layer(x, w, None, stride, 0, None, None, 1e-5, None)

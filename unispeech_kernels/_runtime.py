@@ -36,7 +36,7 @@ def _find_triton() -> Optional[str]:
         found = importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError) as e:  # ValueError: sys.modules["triton"] is None (blocked)
         return f"triton not importable ({type(e).__name__}: {e})"
-    return None if found else "triton not installed"
+    return None if found else "triton not importable (no module named 'triton')"
 
 
 _TRITON_REASON = _find_triton()  # None: found, not yet imported; a plain value torch.compile traces

@@ -112,11 +112,13 @@ class Backend:
     def reason(self, inputs) -> Optional[str]:
         """None if this backend can run ``inputs``, else the first reason it cannot (checked in the
         order: features, runtime and device, dtypes, activation, limits, the rest)."""
-        for _, part, split in self.parts:
-            for label, piece in split(inputs):
-                reason = part.reason(piece)
-                if reason:
-                    return f"{label}: {reason}"
+        if self.parts:  # a composite's capabilities are its parts'
+            for _, part, split in self.parts:
+                for label, piece in split(inputs):
+                    reason = part.reason(piece)
+                    if reason:
+                        return f"{label}: {reason}"
+            return None
         missing = sorted(inputs.features - frozenset(self.features))
         if missing:
             return f"{self.name} {self.op} {dict(self.feature_phrases).get(missing[0], 'has no ' + missing[0])}"

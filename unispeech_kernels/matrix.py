@@ -61,17 +61,22 @@ def support_matrix() -> str:
     return "\n".join(lines)
 
 
+_SECTION = re.compile(re.escape(BEGIN) + r"\n(.*?)\n?" + re.escape(END), re.S)
+
+
 def readme_section(text: str) -> str:
     """The support-matrix section of a README's text (between the markers, without them)."""
-    match = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+    match = _SECTION.search(text)
     if match is None:
         raise ValueError(f"no {BEGIN} ... {END} section")
     return match.group(1)
 
 
 def write_readme(path: str) -> None:
+    """Write the support matrix between the README's markers."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    old = readme_section(text)
+    readme_section(text)  # the markers are there
+    text = _SECTION.sub(lambda _: f"{BEGIN}\n{support_matrix()}\n{END}", text, count=1)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text.replace(BEGIN + "\n" + old + "\n" + END, BEGIN + "\n" + support_matrix() + "\n" + END))
+        f.write(text)
