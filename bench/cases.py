@@ -1,10 +1,10 @@
 """What is benchmarked: model shapes, audio lengths and the case lists of each profile.
 
 A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without one):
-- "check": what `make gpu-check` runs: each issue's goal shapes once, bf16, in priority order, sized
+- "check": what `make gpu-check` runs: the goal shapes once, bf16, in priority order, sized
            for the few minutes of benchmarking a GPU session's check leaves (bench/gpu_check.sh).
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
-- "cpu":   issue 2's CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
+- "cpu":   the CPU comparison only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
            our model vs transformers; `make bench-cpu`): the op files collect no case there.
 Every registered op (``unispeech_kernels.ops.OP_MODULES``) has a section in every profile: the
 cases given below, else none; the model-level sections are ``MODEL_SECTIONS``.
@@ -72,9 +72,9 @@ def _with_every_op(profile: dict) -> dict:
 # Each list entry is one shape; every implementation named runs at it, side by side.
 # "dtypes" are torch dtype names; "seconds" the longest utterance; "batch" the batch size.
 PROFILES = {
-    # `make gpu-check`: each issue's goal shapes once, in priority order (the time budget cuts from the
-    # end): attention at issue 4's S 250/500/1000/1500 (large: H 16, D 64), pos conv at T 500/1500,
-    # the first layer's cuda vs triton (issue 7), the feature encoder at 10 and 30 s, then the model.
+    # `make gpu-check`: the goal shapes once, in priority order (the time budget cuts from the end):
+    # attention at S 250/500/1000/1500 (large: H 16, D 64), pos conv at T 500/1500, the first layer's
+    # cuda vs triton, the feature encoder at 10 and 30 s, then the model.
     "check": {
         "dtypes": ["bfloat16"],
         "attention": dict(models=["large"], seconds=[5, 10, 20, 30], batch=8,
@@ -83,8 +83,10 @@ PROFILES = {
         "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
                          fwd=["triton", "torch"], fwd_bwd=["triton", "torch"]),
         "first_conv_layer": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["cuda", "triton", "torch"])],
-        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8, impls=["triton", "cuda", "torch", "compile"])],
-        "e2e_inference": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
+        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8,
+                                 impls=["triton", "cuda", "torch", "compile"])],
+        "e2e_inference": [dict(models=["base"], seconds=[10], batch=8,
+                               impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
         "e2e_ctc_train_step": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
     },
     "full": {
@@ -103,7 +105,7 @@ PROFILES = {
         "e2e_ctc_train_step": [dict(models=["base", "large"], seconds=[5, 10, 20], batch=8,
                                     impls=["ours", "hf_sdpa", "hf_compile"])],
     },
-    "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
+    "cpu": {  # the model only: a CPU op benchmark says nothing about GPU kernels
         "dtypes": ["float32"],
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
                                lengths=[160000, 112000])],  # exactly 10 s and 7 s

@@ -11,7 +11,7 @@
 #      with the kernels) -- spread over CPU workers with pytest-xdist when it is there (Triton
 #      compiles are CPU-bound);
 #   3. the extension's own GPU tests, once its build has finished;
-#   4. the benchmarks (profile "check": each issue's goal shapes, ordered by priority) with the time
+#   4. the benchmarks (profile "check": the goal shapes, ordered by priority) with the time
 #      that is left; cases past the budget become "skipped: time budget" rows;
 #   5. results JSON (in $OUT when set) + markdown + PNG beside it, and a short summary table printed last.
 # Every step's output also goes to gpu_check.log ($OUT/gpu_check.log when $OUT is set).

@@ -96,7 +96,8 @@ def test_harness_verify_records_a_match(benchmark, monkeypatch):
     rec = harness.Recorder(ROOT, None, 1)
     assert rec.info["commit"] == "0123abc"  # a GPU machine gets the tree without .git
     sets = [(torch.randn(32, 32), torch.randn(32, 32))]
-    close = lambda: {"rel_diff": harness.rel_diff([torch.ones(4) * 1.0005], [torch.ones(4)]), "vs": "torch"}
+    def close():
+        return {"rel_diff": harness.rel_diff([torch.ones(4) * 1.0005], [torch.ones(4)]), "vs": "torch"}
     rec.run(benchmark, _case("triton"), torch.mm, sets, torch.device("cpu"), verify=close)
     row = rec.rows[0]
     assert row["error"] is None and row["vs"] == "torch" and row["outputs_match"] is True
@@ -105,7 +106,8 @@ def test_harness_verify_records_a_match(benchmark, monkeypatch):
 
 def test_harness_wrong_result_is_an_error_row_and_a_failure(benchmark):
     rec = harness.Recorder(ROOT, None, 1)
-    wrong = lambda: {"rel_diff": 0.5, "vs": "sdpa"}
+    def wrong():
+        return {"rel_diff": 0.5, "vs": "sdpa"}
     with pytest.raises(pytest.fail.Exception, match="wrong result: rel diff 5.00e-01 vs sdpa"):
         rec.run(benchmark, _case("triton"), torch.mm, [(torch.randn(8, 8), torch.randn(8, 8))],
                 torch.device("cpu"), verify=wrong)
@@ -122,7 +124,7 @@ def test_harness_does_not_verify_baselines(benchmark):
 
 
 def test_check_profile_covers_every_goal_shape():
-    """gpu-check's profile measures what the issues' goals name: attention at S 250/500/1000/1500
+    """gpu-check's profile measures the project's goal shapes: attention at S 250/500/1000/1500
     with H 16, D 64 against SDPA and FlexAttention (fwd and bwd), pos conv at T 500/1500 for both
     models, the first layer's CUDA kernel next to Triton, the feature encoder at 10 and 30 s against
     eager and torch.compile, and the model against transformers."""
@@ -294,5 +296,6 @@ def test_gpu_check_runs_every_gpu_test_file():
               and gpu_tensors.search(pathlib.Path(tests_dir, name).read_text())}
     with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
         listed = set(re.findall(r"tests/(test_\w+\.py)", f.read()))
-    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)}"
+    missing = sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)
+    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {missing}"
     assert GPU_CHECK_ELSEWHERE - {"test_bench_verify.py"} <= listed

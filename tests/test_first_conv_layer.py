@@ -6,7 +6,8 @@ import torch
 
 from tests.tolerances import assert_close, assert_error_within, first_conv_bias_terms
 from unispeech_kernels.dispatch import BackendUnavailableError
-from unispeech_kernels.ops.first_conv_layer import (FirstConvLayerInputs, aot_specs, first_conv_layer, first_conv_layer_op,
+from unispeech_kernels.ops.first_conv_layer import (FirstConvLayerInputs, aot_specs, first_conv_layer,
+                                                    first_conv_layer_op,
                                                     first_conv_layer_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -45,7 +45,8 @@ def triton_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     from transformers.masking_utils import bidirectional_mask_function
     if mask_function is not None and mask_function is not bidirectional_mask_function:
         raise ValueError(f'attn_implementation="{ATTN_IMPLEMENTATION}" supports bidirectional attention with a '
-                         f"key-padding mask only, got mask function {getattr(mask_function, '__name__', mask_function)}")
+                         "key-padding mask only, got mask function "
+                         f"{getattr(mask_function, '__name__', mask_function)}")
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].to(torch.bool)

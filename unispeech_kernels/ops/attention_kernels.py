@@ -90,7 +90,7 @@ def _attn_fwd_kernel(
     out_ptr,  # [B, S, H, D] contiguous out; padded query rows get zeros
     lse_ptr,  # [B, H, S] fp32 out: log2-sum-exp2 of the scaled scores per row, +inf on padded rows
     mask_ptr,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
-    kv_end_ptr,  # [B] int32 last real position + 1 (the loop bound; packed: the length); unused unless HAS_MASK or PACKED
+    kv_end_ptr,  # [B] int32 last real position + 1 (loop bound; packed: the length); unused unless HAS_MASK or PACKED
     seq_start_ptr,  # [B] int32 packed row where sequence b starts; unused unless PACKED
     seed_ptr,  # [1] int64 dropout seed on the device; unused unless HAS_DROPOUT
     stride_qb, stride_qs, stride_qh, stride_qd,  # strides of q_ptr (packed: batch stride 0)
@@ -125,7 +125,8 @@ def _attn_fwd_kernel(
     lse_ptrs = lse_ptr + bh.to(tl.int64) * S + rows
     if start_m >= kv_end:  # the whole query block is padding: zeros, no work
         o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok)
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < n_rows) & d_ok)
         tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=rows < S)
         return
     row_ok = rows < kv_end

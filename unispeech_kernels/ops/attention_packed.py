@@ -25,8 +25,8 @@ import torch
 
 from ..dispatch import Op
 from ..padding import host_to_device, sequence_starts
-from .attention import (FEATURES, AttentionCall, TRITON_CAPABILITIES, attn_bwd, attn_fwd, check_dropout_and_scale, check_qkv,
-                        draw_dropout_seed, sdpa_unmasked)
+from .attention import (FEATURES, TRITON_CAPABILITIES, AttentionCall, attn_bwd, attn_fwd, check_dropout_and_scale,
+                        check_qkv, draw_dropout_seed, sdpa_unmasked)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,8 +112,8 @@ def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_s
                                  norm_weights, norm_biases, input_lengths=None):
     """Raise a clear error for anything no backend should be asked to compute."""
     if not isinstance(input_values, torch.Tensor) or input_values.dim() != 2:
-        raise ValueError("feature_encoder: input_values must be a [batch, samples] tensor, got "
-                         f"{tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values)}")
+        got = tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values)
+        raise ValueError(f"feature_encoder: input_values must be a [batch, samples] tensor, got {got}")
     if not input_values.is_floating_point():
         raise TypeError(f"feature_encoder: input_values must be floating point, got {input_values.dtype}")
     if not (len(conv_weights) == len(conv_biases) == len(conv_strides)) or not conv_weights:

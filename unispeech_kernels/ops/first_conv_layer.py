@@ -6,9 +6,10 @@ statistics over the whole output, or over each utterance's real frames when batc
 "layer": LayerNorm over channels per frame; "none": no norm (reserved for stacks without one).
 Memory-bound (C outputs per K-sample window), so it has its own kernels instead of a GEMM.
 
-Triton backend (kernels: ``first_conv_layer_kernels.py``): the conv is recomputed wherever it is needed instead of being stored (K FMAs per
-output are cheaper than a round trip through memory), so the forward writes its output once and
-the backward saves nothing but the audio, the parameters and, in group mode, the [B, C] statistics.
+Triton backend (kernels: ``first_conv_layer_kernels.py``): the conv is recomputed wherever it is
+needed instead of being stored (K FMAs per output are cheaper than a round trip through memory), so
+the forward writes its output once and the backward saves nothing but the audio, the parameters and,
+in group mode, the [B, C] statistics.
   forward  "layer"/"none": one pass (a program owns all C channels of its frames for LayerNorm).
            "group": a statistics pass (per-split Welford/Chan partials of each (b, c) over time,
            merged in torch: deterministic) then the output pass (conv, normalise, GELU).
