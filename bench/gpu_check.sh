@@ -90,7 +90,7 @@ if wanted tests; then
     step "kernel tests on CUDA" "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 \
         "${XDIST[@]}" tests/test_attention.py tests/test_attention_packed.py tests/test_pos_conv.py tests/test_feature_encoder.py \
         tests/test_first_conv_layer.py tests/test_transformers_attention.py tests/test_gpu_model.py tests/test_autotune_path.py \
-        tests/test_op_registration.py
+        tests/test_op_registration.py tests/test_padding.py
 fi
 
 # 3. the extension: build result, backend info, its GPU tests

@@ -209,8 +209,8 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
 def test_tuned_choices_reports_what_each_autotuner_picked():
     """Every autotuned kernel is registered, and a pick in an autotuner's cache (as a GPU run leaves
     it) comes back with its key and config; a report of a run that tuned nothing has no section."""
-    import unispeech_kernels  # noqa: F401  (imports every op)
-    from unispeech_kernels.ops.attention import FWD_CONFIGS
+    from unispeech_kernels.ops import conv_layer_kernels, pos_conv_kernels  # noqa: F401  (their autotuners)
+    from unispeech_kernels.ops.attention_kernels import FWD_CONFIGS
     from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
     assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
                               "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}

@@ -105,6 +105,8 @@ class Backend:
         if self.runtime == "triton":
             return triton_device_reason(*inputs.tensors, min_capability=self.min_capability)
         if self.runtime == "cuda":
+            if torch.compiler.is_compiling():  # the loader and device probes are eager-only code
+                return "not selectable under torch.compile (the extension is probed eagerly only)"
             return several_devices_reason(inputs.tensors) or _cuda.cuda_reason(
                 next(t.device for t in inputs.tensors if t is not None))
         return None
