@@ -15,8 +15,8 @@ from unispeech_kernels import BackendUnavailableError
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops import pos_conv_kernels
 from unispeech_kernels.ops._common import forced_tiles
-from unispeech_kernels.ops.pos_conv import (PosConvInputs, aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_embed,
-                                            pos_conv_fwd, pos_conv_op, pos_conv_reference)
+from unispeech_kernels.ops.pos_conv import (PosConvInputs, aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_dw,
+                                            pos_conv_embed, pos_conv_fwd, pos_conv_op, pos_conv_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -135,7 +135,7 @@ def test_dw_accumulates_in_fp32_and_rounds_once(dtype, split):
     accumulator's error): no low-precision partials, no double rounding, whole or split over frames."""
     B, T, C, G, K = 2, 50, 32, 4, 7
     x, dpre = torch.randn(B, T, C, device=DEVICE).to(dtype), torch.randn(B, T, C, device=DEVICE).to(dtype)
-    dw, _ = pos_conv_bwd_module.pos_conv_dw(x, dpre, K, G, False, split=split)
+    dw, _ = pos_conv_dw(x, dpre, K, G, False, split=split)
     # dW[g*CG + co, ci, k] = sum_{b,t} x[b, t + k - K//2, g*CG + ci] * dpre[b, t, g*CG + co], in fp64
     shifted = torch.nn.functional.pad(x.double(), (0, 0, K // 2, K // 2)).unfold(1, T, 1)  # [B, K, C, T]
     grouped = (B, K, G, C // G, T)
