@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-second-capability check-kernels bench bench-cpu gpu-check report wheels clean
+.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): setup.py
 run: $(STAMP)
 	$(PY) -m unispeech.run $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-test: $(STAMP) check-kernels
+test: $(STAMP) lint check-kernels
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory test-second-capability
 
@@ -34,6 +34,10 @@ SECOND_CAPABILITY = $$($(PY) -c "import torch; print('avx2' if torch.backends.cp
 test-second-capability: $(STAMP)
 	ATEN_CPU_CAPABILITY=$(SECOND_CAPABILITY) $(PY) -m pytest -q -p no:cacheprovider $(ACCURACY_TESTS) \
 	    -k "not aot and not compile and not every_gpu_tile_config"
+
+# ruff (ruff.toml: pyflakes, pycodestyle, 120 columns)
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # no GPU needed: csrc/*.cu with nvcc and every Triton aot_specs() kernel for sm_80/sm_90; registers, spills, mma
 check-kernels: $(STAMP)
@@ -52,8 +56,8 @@ bench:
 	BENCH_PROFILE=$${BENCH_PROFILE:-full} $(BENCH_PY) -m pytest $(BENCH_OPTS) $(BENCH_FILES); s=$$?; \
 	$(BENCH_PY) -m bench.report --summary $(NEWEST); exit $$s
 
-# issue 2's CPU comparison: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers; issue
-# 19's: forced alignment of 64 utterances, batched vs a per-utterance numpy loop (and torchaudio)
+# the CPU comparisons: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers; forced
+# alignment of 64 utterances, batched vs a per-utterance numpy loop (and torchaudio)
 bench-cpu: $(STAMP)
 	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py bench/test_forced_align.py; s=$$?; \
 	$(PY) -m bench.report --summary $(NEWEST); exit $$s

@@ -76,7 +76,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["triton>=3.1", "pytest", "pytest-benchmark", "transformers>=5.23", "matplotlib"],
+        "test": ["triton>=3.1", "pytest", "pytest-benchmark", "transformers>=5.23", "matplotlib", "ruff"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,12 +1,14 @@
 """What is benchmarked: model shapes, audio lengths and the case lists of each profile.
 
 A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without one):
-- "check": what `make gpu-check` runs: each issue's goal shapes once, bf16, in priority order, sized
+- "check": what `make gpu-check` runs: the goal shapes once, bf16, in priority order, sized
            for the few minutes of benchmarking a GPU session's check leaves (bench/gpu_check.sh).
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
-- "cpu":   issue 2's CPU comparison (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
-           our model vs transformers) and issue 19's forced alignment of 64 utterances (`make bench-cpu`):
-           the other op files collect no case there.
+- "cpu":   the CPU comparisons only (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
+           our model vs transformers; forced alignment of 64 utterances; `make bench-cpu`): the other
+           op files collect no case there.
+Every registered op (``unispeech_kernels.ops.OP_MODULES``) has a section in every profile: the
+cases given below, else none; the model-level sections are ``MODEL_SECTIONS``.
 
 Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
 drawn uniformly in [S/2, S] (seeded), so every batch is padded the way real batches are.
@@ -17,6 +19,9 @@ import os
 import random
 
 import torch
+
+from unispeech_kernels.ops import registered_ops
+from unispeech_kernels.padding import conv_output_length
 
 SAMPLE_RATE = 16000
 SEED = 1234
@@ -54,15 +59,18 @@ def padded_audio(lengths, dtype, device):
 
 
 def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
-    out = []
-    for n in sample_lengths:
-        for k, s in zip(cfg["conv_kernel"], cfg["conv_stride"]):
-            n = (n - k) // s + 1
-        out.append(n)
-    return out
+    return [conv_output_length(n, cfg["conv_kernel"], cfg["conv_stride"]) for n in sample_lengths]
 
 
-# Forced alignment (issue 19), fp32 log-probs at 50 frames/s, vocab 32, ~15 characters/s: 64
+MODEL_SECTIONS = ("e2e_inference", "e2e_ctc_train_step")  # our model against transformers
+
+
+def _with_every_op(profile: dict) -> dict:
+    """The profile with a section for every registered op (no cases where it names none)."""
+    return {**{op.name: [] for op in registered_ops()}, **profile}
+
+
+# Forced alignment, fp32 log-probs at 50 frames/s, vocab 32, ~15 characters/s: 64
 # utterances of 4-16 s, and one 30-minute file cut into 30 s segments; align() end to end on 1 hour.
 FORCED_ALIGN_GPU = [dict(utterances=64, seconds=(4, 16), impls=["triton", "torchaudio"]),
                     dict(file_minutes=30, segment_s=30, impls=["triton", "torchaudio"])]
@@ -71,9 +79,9 @@ ALIGN_E2E = [dict(models=["base"], hours=1, segment_s=30, impls=["ours"])]
 # Each list entry is one shape; every implementation named runs at it, side by side.
 # "dtypes" are torch dtype names; "seconds" the longest utterance; "batch" the batch size.
 PROFILES = {
-    # `make gpu-check`: each issue's goal shapes once, in priority order (the time budget cuts from the
-    # end): attention at issue 4's S 250/500/1000/1500 (large: H 16, D 64), pos conv at T 500/1500,
-    # the first layer's cuda vs triton (issue 7), the feature encoder at 10 and 30 s, then the model.
+    # `make gpu-check`: the goal shapes once, in priority order (the time budget cuts from the end):
+    # attention at S 250/500/1000/1500 (large: H 16, D 64), pos conv at T 500/1500, the first layer's
+    # cuda vs triton, the feature encoder at 10 and 30 s, then the model.
     "check": {
         "dtypes": ["bfloat16"],
         "attention": dict(models=["large"], seconds=[5, 10, 20, 30], batch=8,
@@ -82,8 +90,10 @@ PROFILES = {
         "pos_conv": dict(models=["base", "large"], seconds=[10, 30], batch=8,
                          fwd=["triton", "torch"], fwd_bwd=["triton", "torch"]),
         "first_conv_layer": [dict(models=["base", "large"], seconds=[10], batch=8, impls=["cuda", "triton", "torch"])],
-        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8, impls=["triton", "cuda", "torch", "compile"])],
-        "e2e_inference": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
+        "feature_encoder": [dict(models=["base"], seconds=[10, 30], batch=8,
+                                 impls=["triton", "cuda", "torch", "compile"])],
+        "e2e_inference": [dict(models=["base"], seconds=[10], batch=8,
+                               impls=["ours", "hf_sdpa", "hf_patched", "hf_compile"])],
         "e2e_ctc_train_step": [dict(models=["base"], seconds=[10], batch=8, impls=["ours", "hf_sdpa"])],
         "forced_align": FORCED_ALIGN_GPU,
         "align_e2e": ALIGN_E2E,
@@ -106,12 +116,8 @@ PROFILES = {
         "forced_align": FORCED_ALIGN_GPU,
         "align_e2e": ALIGN_E2E,
     },
-    "cpu": {  # issue 2 item 9 only: a CPU op benchmark says nothing about GPU kernels
+    "cpu": {  # the model only: a CPU op benchmark says nothing about GPU kernels
         "dtypes": ["float32"],
-        "attention": dict(models=[], seconds=[], batch=2, fwd=[], bwd=[], packed_fwd=[], packed_bwd=[]),
-        "pos_conv": dict(models=[], seconds=[], batch=2, fwd=[], fwd_bwd=[]),
-        "first_conv_layer": [],
-        "feature_encoder": [],
         "e2e_inference": [dict(models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
                                lengths=[160000, 112000])],  # exactly 10 s and 7 s
         "e2e_ctc_train_step": [],
@@ -142,8 +148,15 @@ def expand(entries, impl_key: str = "impls"):
     return out
 
 
+PROFILES = {name: _with_every_op(p) for name, p in PROFILES.items()}
+
+
 def section(name: str):
-    return PROFILES[profile()][name]
+    """The profile's cases for an op (by its registered name) or a model-level section."""
+    sections = PROFILES[profile()]
+    if name not in sections and name not in MODEL_SECTIONS:
+        raise ValueError(f"no benchmark section {name!r}; valid: {sorted(sections)}")
+    return sections.get(name, [])
 
 
 def dtypes():

@@ -93,7 +93,7 @@ def _write_results():
         directory = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "bench", "results")
         os.makedirs(directory, exist_ok=True)
         _STATE["path"] = results_path(rec.info, directory)
-    from unispeech_kernels.ops._triton_helpers import tuned_choices
+    from unispeech_kernels.ops._common import tuned_choices
     doc = dict(rec.info, date=datetime.datetime.now().isoformat(timespec="seconds"), profile=cases.profile(),
                wall_s=round(rec.elapsed(), 1), rows=rec.rows, autotune=tuned_choices())
     tmp = _STATE["path"] + ".tmp"

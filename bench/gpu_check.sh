@@ -11,7 +11,7 @@
 #      with the kernels) -- spread over CPU workers with pytest-xdist when it is there (Triton
 #      compiles are CPU-bound);
 #   3. the extension's own GPU tests, once its build has finished;
-#   4. the benchmarks (profile "check": each issue's goal shapes, ordered by priority; forced alignment
+#   4. the benchmarks (profile "check": the goal shapes, ordered by priority; forced alignment
 #      last: 64 utterances and a 30-minute file vs torchaudio, align() on 1 hour) with the time
 #      that is left; cases past the budget become "skipped: time budget" rows;
 #   5. results JSON (in $OUT when set) + markdown + PNG beside it, and a short summary table printed last.
@@ -91,7 +91,7 @@ if wanted tests; then
     step "kernel tests on CUDA" "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 \
         "${XDIST[@]}" tests/test_attention.py tests/test_attention_packed.py tests/test_pos_conv.py tests/test_feature_encoder.py \
         tests/test_first_conv_layer.py tests/test_transformers_attention.py tests/test_gpu_model.py tests/test_autotune_path.py \
-        tests/test_op_registration.py tests/test_forced_align.py tests/test_alignment.py
+        tests/test_op_registration.py tests/test_padding.py tests/test_forced_align.py tests/test_alignment.py
 fi
 
 # 3. the extension: build result, backend info, its GPU tests

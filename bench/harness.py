@@ -10,7 +10,8 @@ How a case is timed (pytest-benchmark is the timer and the single source of the 
    call finds its inputs in cache) and then synchronizes the device; the setup before each round
    synchronizes too, so a round's wall time is exactly its k calls' device time plus launch overhead
    that does not overlap. Per-call time = round time / k; we report its median, p20 and p80.
-4. peak memory of one more call (on a CPU: of the first call, sparing a multi-second forward): on CUDA ``torch.cuda.max_memory_allocated`` during the call minus
+4. peak memory of one more call (on a CPU: of the first call, sparing a multi-second forward): on
+   CUDA ``torch.cuda.max_memory_allocated`` during the call minus
    what was allocated before it (inputs, weights and the other input sets excluded); on CPU the
    growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the
    call) over the resident set before it (after malloc_trim, so pages freed by earlier cases do not
@@ -122,13 +123,16 @@ def measure_ceilings(device: torch.device, reps: int = 10) -> dict:
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / reps
 
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    tflops = 2 * n ** 3 / mean_s(lambda: a @ b) / 1e12
-    src = torch.randn(1 << 28, device=device)  # 1 GiB of fp32
-    dst = torch.empty_like(src)
-    tbps = 2 * src.numel() * src.element_size() / mean_s(lambda: dst.copy_(src)) / 1e12
-    del a, b, src, dst
+    def matmul_tflops(n=8192):
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        return 2 * n ** 3 / mean_s(lambda: a @ b) / 1e12
+
+    def copy_tbps():
+        src = torch.randn(1 << 28, device=device)  # 1 GiB of fp32
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * src.element_size() / mean_s(lambda: dst.copy_(src)) / 1e12
+
+    tflops, tbps = matmul_tflops(), copy_tbps()  # their buffers are freed on return
     torch.cuda.empty_cache()
     return {"bf16_matmul_tflops": round(tflops, 1), "copy_tbps": round(tbps, 2),
             "method": f"8192^3 bf16 matmul, 1 GiB copy (read + write), mean of {reps} after 3 warm-ups"}
@@ -283,7 +287,8 @@ class Recorder:
                 what += f", {row['peak_mem_mb']:.0f} MB"
             if row.get("rel_diff") is not None:
                 what += f", rel diff {row['rel_diff']:.1e} vs {row['vs']}"
-        line = f"[{self.done:>3}/{self.total} {self.elapsed():6.0f}s] {case.op} {case.shape} {case.dtype_name} {case.impl}: {what}"
+        line = (f"[{self.done:>3}/{self.total} {self.elapsed():6.0f}s] {case.op} {case.shape} {case.dtype_name} "
+                f"{case.impl}: {what}")
         self.emit(line[:300])
 
     def over_budget(self) -> bool:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from unispeech_kernels.padding import conv_output_length
+
 # (substring of torch.cuda.get_device_name(), tensor TFLOP/s bf16/fp16 dense, fp32 TFLOP/s, TB/s, source
 #  [, datasheet tensor TFLOP/s, datasheet TB/s where the ceilings are measured]); the first match wins
 PEAKS = (
@@ -87,7 +89,7 @@ def attention_bytes(lengths: Sequence[int], heads: int, head_dim: int, elem: int
 
 
 def conv_out_len(n: int, kernel: int, stride: int) -> int:
-    return max(0, (n - kernel) // stride + 1)
+    return max(0, conv_output_length(n, [kernel], [stride]))
 
 
 def feature_encoder_flops(sample_lengths: Sequence[int], conv_dim: Sequence[int], kernels: Sequence[int],

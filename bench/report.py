@@ -67,7 +67,8 @@ def header(doc) -> str:
 
 def summary_table(doc) -> str:
     """One line per (op, shape, dtype, our impl): our time, the fastest baseline, the speed-up."""
-    lines = ["| op | shape | dtype | ours | ms | fastest baseline | ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | dtype | ours | ms | fastest baseline | ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     for (op, shape, dtype), impls in groups(doc["rows"]).items():
         baselines = [(r["median_ms"], i) for i, r in impls.items() if i not in OUR_IMPLS and ok(r)]
         best = min(baselines) if baselines else None
@@ -164,7 +165,8 @@ def markdown(doc) -> str:
 
 
 IMPL_COLORS = dict(triton="tab:blue", cuda="tab:purple", ours="tab:blue", torch="tab:gray", sdpa="tab:orange",
-                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red", hf_patched="tab:cyan")
+                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red",
+                   hf_patched="tab:cyan")
 
 
 def plot(doc, path: str) -> str:
@@ -217,7 +219,7 @@ README_START, README_END = "<!-- latest-gpu-results -->", "<!-- /latest-gpu-resu
 
 def update_readme(doc, results_path: str, readme: str) -> None:
     """Replace the README's section between README_START and README_END with this GPU run's
-    header and summary table (what issue 8 asks the README to show), naming the results file."""
+    header and summary table (what the README shows), naming the results file."""
     if doc.get("device_type") != "cuda":
         raise ValueError(f"{results_path}: not a GPU run (device_type {doc.get('device_type')!r})")
     with open(readme) as f:
@@ -238,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="directory for the .md and .png (default: next to each file)")
     ap.add_argument("--summary", action="store_true", help="print only the short summary table")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
-    ap.add_argument("--readme", metavar="README", help="also put a GPU run's summary into README's latest-results section")
+    ap.add_argument("--readme", metavar="README",
+                    help="also put a GPU run's summary into README's latest-results section")
     args = ap.parse_args(argv)
     for path in args.files:
         doc = load(path)

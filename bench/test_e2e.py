@@ -4,13 +4,13 @@ Inputs: audio [B, L] zero-padded past each utterance's length, attention_mask [B
 both models get the same inputs and the same weights (ours loads transformers' state_dict).
 Impls:
 - ours:       unispeech.UniSpeechForCTC, attn_implementation "triton" on a GPU ("sdpa" on a CPU,
-              issue 2's comparison), kernel_backend "auto";
+              the CPU comparison), kernel_backend "auto";
 - hf_sdpa:    transformers.UniSpeechForCTC with attn_implementation "sdpa";
 - hf_compile: torch.compile(dynamic=False) of hf_sdpa;
-- hf_patched: hf_sdpa's weights in a transformers model after unispeech_kernels.patch_model (issue 9:
+- hf_patched: hf_sdpa's weights in a transformers model after unispeech_kernels.patch_model (
               transformers' own classes with our feature encoder, positional conv and attention).
 Inference: eval(), no_grad, logits. The ours row carries max_abs_diff / rel_diff of its logits vs
-hf_sdpa's over real frames (input set 0); in fp32 `outputs_match` says rel_diff <= 1e-5 (issue 2).
+hf_sdpa's over real frames (input set 0); in fp32 `outputs_match` says rel_diff <= 1e-5.
 Train step: train() with the config's dropouts, SpecAugment on (transformers' defaults), LayerDrop 0 so
 every step does the same work, feature encoder frozen (transformers' fine-tuning recipe), forward
 with labels (CTC loss), backward, AdamW step, zero_grad. Weights and AdamW states are in the benchmark
@@ -107,7 +107,7 @@ def _n_sets(device):
 
 
 def compare(fn, reference, audio, mask, frames, dtype) -> dict:
-    """Logits vs hf_sdpa's over real frames (the harness's verify). fp32 on a CPU: issue 2's 1e-5;
+    """Logits vs hf_sdpa's over real frames (the harness's verify). fp32 on a CPU: 1e-5;
     otherwise twice the op bound (a dozen layers of rounding in the benchmark dtype)."""
     with torch.no_grad():
         a, b = fn(audio, mask).double(), reference(audio, mask).double()

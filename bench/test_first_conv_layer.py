@@ -1,5 +1,5 @@
 """The feature encoder's first layer alone (1 -> 512 channels, kernel 10, stride 5, + norm + GELU),
-where the CUDA extension competes with Triton (issue 7: CUDA becomes a default only if it wins here).
+where the CUDA extension competes with Triton (CUDA becomes a default only if it wins here).
 
 Shapes: audio [B, L] padded with zeros past each utterance's length -> [B, T, 512].
 base: GroupNorm (statistics over time), no conv bias; large: LayerNorm over channels, conv bias.
@@ -30,7 +30,8 @@ def make_layer(model, dtype, device):
     c, k, stride = cfg["conv_dim"][0], cfg["conv_kernel"][0], cfg["conv_stride"][0]
     weight = torch.randn(c, 1, k, device=device, dtype=dtype) / k ** 0.5
     bias = 0.1 * torch.randn(c, device=device, dtype=dtype) if cfg["conv_bias"] else None
-    norm_w, norm_b = 1 + 0.1 * torch.randn(c, device=device, dtype=dtype), 0.1 * torch.randn(c, device=device, dtype=dtype)
+    norm_w = 1 + 0.1 * torch.randn(c, device=device, dtype=dtype)
+    norm_b = 0.1 * torch.randn(c, device=device, dtype=dtype)
     return dict(weight=weight, bias=bias, stride=stride, norm_mode=cfg["feat_extract_norm"], norm_weight=norm_w,
                 norm_bias=norm_b)
 

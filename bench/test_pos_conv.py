@@ -58,7 +58,8 @@ def setup_case(op, case, dtype, device, backward):
     sets = []
     for _ in range(input_set_count((3 if backward else 2) * batch * t * ch * elem, device)):
         hidden = (torch.randn(batch, t, ch, device=device, dtype=dtype) * valid).requires_grad_(backward)
-        sets.append((hidden, weight, bias) + ((torch.randn(batch, t, ch, device=device, dtype=dtype),) if backward else ()))
+        grad = (torch.randn(batch, t, ch, device=device, dtype=dtype),) if backward else ()
+        sets.append((hidden, weight, bias) + grad)
     c = Case(op, impl, dtype, f"{model} B{batch} T{t} C{ch} G{groups} K{k}",
              dict(model=model, seconds=seconds, batch=batch, channels=ch, groups=groups, kernel=k, frames=frames),
              flops=physics.pos_conv_flops(frames, ch, groups, k, backward),

@@ -7,6 +7,8 @@
 //     input_lengths (group norm only): statistics over each utterance's frames of real samples.
 //   kernel_image_info() -> int[]  [cudaError_t of cudaFuncGetAttributes (0 = the build has code for
 //                    the current device), binaryVersion, ptxVersion, numRegs]
+//   kernel_limits() -> int[]  [most channels, largest kernel size, most utterances] first_conv_layer takes
+//   fits_shared_memory(int kernel_size, int stride) -> bool  whether the shared-memory sample tile holds them
 #include <Python.h>
 
 #include <cmath>
@@ -52,8 +54,8 @@ FclShape check_fcl_shapes(const at::Tensor& x, const at::Tensor& weight, const s
   TORCH_CHECK(K >= 1 && K <= unispeech::FCL_MAX_K, kOp, "kernel size must be in [1, ", unispeech::FCL_MAX_K,
               "], got ", K);
   TORCH_CHECK(stride >= 1, kOp, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(stride < (1 << 20) && unispeech::fcl_smem_bytes(static_cast<int>(K), static_cast<int>(stride)) <= 48 * 1024,
-              kOp, "stride ", stride, " is too large for the shared-memory sample tile");
+  TORCH_CHECK(unispeech::fcl_fits_shared_memory(K, stride), kOp, "stride ", stride,
+              " is too large for the shared-memory sample tile");
   TORCH_CHECK(norm_mode >= unispeech::FCL_NORM_NONE && norm_mode <= unispeech::FCL_NORM_GROUP, kOp,
               "norm_mode must be 0 (none), 1 (layer) or 2 (group), got ", norm_mode);
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), kOp, "eps must be finite and >= 0, got ", eps);
@@ -67,7 +69,7 @@ FclShape check_fcl_shapes(const at::Tensor& x, const at::Tensor& weight, const s
     TORCH_CHECK(t->is_contiguous(), kOp, named.first, " must be contiguous, got strides ", t->strides());
   }
   const int64_t B = x.size(0), L = x.size(1);
-  TORCH_CHECK(B <= 65535, kOp, "batch must be <= 65535, got ", B);
+  TORCH_CHECK(B <= unispeech::FCL_MAX_BATCH, kOp, "batch must be <= ", unispeech::FCL_MAX_BATCH, ", got ", B);
   TORCH_CHECK(L >= K, kOp, "input of ", L, " samples is shorter than the kernel (", K, ")");
   const int64_t T = (L - K) / stride + 1;
   TORCH_CHECK(L <= INT32_MAX && B * T * C <= (int64_t{1} << 40), kOp, "input too large: ", x.sizes());
@@ -158,12 +160,22 @@ std::vector<int64_t> kernel_image_info() {
   return {0, attr.binaryVersion, attr.ptxVersion, attr.numRegs};
 }
 
+std::vector<int64_t> kernel_limits() {
+  return {unispeech::FCL_MAX_C, unispeech::FCL_MAX_K, unispeech::FCL_MAX_BATCH};
+}
+
+bool fits_shared_memory(int64_t kernel_size, int64_t stride) {
+  return unispeech::fcl_fits_shared_memory(kernel_size, stride);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(unispeech_cuda, m) {
   m.def("first_conv_layer(Tensor input_values, Tensor weight, Tensor? bias, int stride, int norm_mode, "
         "Tensor? norm_weight, Tensor? norm_bias, float eps, Tensor? input_lengths) -> Tensor");
   m.def("kernel_image_info() -> int[]", &kernel_image_info);
+  m.def("kernel_limits() -> int[]", &kernel_limits);
+  m.def("fits_shared_memory(int kernel_size, int stride) -> bool", &fits_shared_memory);
 }
 
 TORCH_LIBRARY_IMPL(unispeech_cuda, CUDA, m) { m.impl("first_conv_layer", &first_conv_layer_cuda); }

@@ -248,10 +248,10 @@ cudaError_t launch_typed(const FclParams& p, cudaStream_t stream) {
 
 bool params_valid(const FclParams& p) {
   if (p.x == nullptr || p.weight == nullptr || p.out == nullptr) return false;
-  if (p.B < 1 || p.B > 65535 || p.C < 1 || p.C > FCL_MAX_C || p.K < 1 || p.K > FCL_MAX_K || p.S < 1) return false;
+  if (p.B < 1 || p.B > FCL_MAX_BATCH || p.C < 1 || p.C > FCL_MAX_C || p.K < 1 || p.K > FCL_MAX_K || p.S < 1) return false;
   if (p.L < p.K || p.T != (p.L - p.K) / p.S + 1 || p.x_stride_b < 0) return false;
   if (p.frames_per_block < FCL_T_TILE || p.frames_per_block % FCL_T_TILE != 0) return false;
-  if (fcl_smem_bytes(p.K, p.S) > 48 * 1024) return false;
+  if (!fcl_fits_shared_memory(p.K, p.S)) return false;
   if (p.norm == FCL_NORM_GROUP && p.workspace == nullptr) return false;
   return p.dtype == FCL_FLOAT32 || p.dtype == FCL_FLOAT16 || p.dtype == FCL_BFLOAT16;
 }

@@ -23,6 +23,8 @@ constexpr int FCL_T_TILE = 8;             // frames computed together (one accum
 constexpr int FCL_MAX_K = 16;             // kernel taps held in registers
 constexpr int FCL_MAX_C = 1024;           // one thread per channel, one block per frame chunk
 constexpr int FCL_MAX_TILES_PER_BLOCK = 64;
+constexpr int FCL_MAX_BATCH = 65535;       // utterances: a grid axis
+constexpr size_t FCL_MAX_SMEM_BYTES = 48 * 1024;  // dynamic shared memory without an opt-in attribute
 
 struct FclParams {
   const void* x;                 // [B, L] input samples
@@ -58,6 +60,12 @@ inline size_t fcl_workspace_floats(int B, int T, int C, int frames_per_block) {
 // Dynamic shared memory of the conv kernels: the samples of one tile of frames, plus reductions.
 inline size_t fcl_smem_bytes(int K, int S) {
   return sizeof(float) * (static_cast<size_t>(FCL_T_TILE - 1) * S + K + 2 * 32 * FCL_T_TILE);
+}
+
+// Whether a kernel size and stride fit the shared-memory sample tile.
+inline bool fcl_fits_shared_memory(int64_t K, int64_t S) {
+  return S >= 1 && S < (1 << 20) && K >= 1 && K <= FCL_MAX_K &&
+         fcl_smem_bytes(static_cast<int>(K), static_cast<int>(S)) <= FCL_MAX_SMEM_BYTES;
 }
 
 // Validates the parameters (returns cudaErrorInvalidValue on a violated limit) and launches the

@@ -10,12 +10,12 @@ from tests.tolerances import assert_close, assert_error_within
 from unispeech_kernels import BackendUnavailableError
 from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
-from unispeech_kernels.ops._triton_helpers import forced_tiles
-from unispeech_kernels.ops.attention import (FWD_CONFIGS, _fwd_tuned, aot_specs, attention, attention_op,
-                                             attention_reference, draw_dropout_seed, kv_end_from_mask,
-                                             prefix_lengths)
-from unispeech_kernels.ops.attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, _dkdv_tuned, _dq_tuned,
-                                                 dropout_keep_mask)
+from unispeech_kernels.ops._common import forced_tiles
+from unispeech_kernels.ops.attention import (AttentionInputs, aot_specs, attention, attention_op, attention_reference,
+                                             draw_dropout_seed, dropout_keep_mask, kv_end_from_mask)
+from unispeech_kernels.ops.attention_kernels import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS, _dkdv_tuned,
+                                                     _dq_tuned, _fwd_tuned)
+from unispeech_kernels.padding import prefix_lengths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -266,27 +266,27 @@ def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
     q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
     with pytest.raises(BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):
         attention(q, k, v, backend="triton")
-    assert attention_op.select(None, q, k, v, None).name == "torch"  # auto selection falls back
+    assert attention_op.select(AttentionInputs(q, k, v, None)).name == "torch"  # auto selection falls back
 
 
 def test_dispatch_choices_and_env_override(monkeypatch):
     q, k, v = _inputs(1, 4, 1, 16, torch.float32)
-    assert attention_op.select(None, q, k, v, None).name == "triton"
+    assert attention_op.select(AttentionInputs(q, k, v, None)).name == "triton"
     doubles = [t.double() for t in (q, k, v)]
-    assert attention_op.select(None, *doubles, None).name == "torch"
+    assert attention_op.select(AttentionInputs(*doubles, None)).name == "torch"
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
         attention(*doubles, backend="triton")
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch")
-    assert attention_op.select(None, q, k, v, None).name == "torch"
+    assert attention_op.select(AttentionInputs(q, k, v, None)).name == "torch"
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v))
     for value in ("attention=triton,torch", "torch,attention=triton"):  # the op's entry beats the bare one
         monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", value)
-        assert attention_op.select(None, q, k, v, None).name == "triton", value
+        assert attention_op.select(AttentionInputs(q, k, v, None)).name == "triton", value
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "cuda")  # the whole model: Triton where no CUDA kernel
-    assert attention_op.select(None, q, k, v, None).name == "triton"
+    assert attention_op.select(AttentionInputs(q, k, v, None)).name == "triton"
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=cuda")  # this op, explicitly: it has none
     with pytest.raises(BackendUnavailableError, match="cuda: not implemented for this op"):
-        attention_op.select(None, q, k, v, None)
+        attention_op.select(AttentionInputs(q, k, v, None))
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("ON", True), ("yes", True),

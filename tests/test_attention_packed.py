@@ -10,7 +10,7 @@ from unispeech_kernels import BackendUnavailableError, attention, attention_pack
 from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops.attention import attention_reference
-from unispeech_kernels.ops.attention_packed import attention_packed_op
+from unispeech_kernels.ops.attention_packed import PackedAttentionInputs, attention_packed_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENGTHS = [37, 0, 19, 1, 16]  # odd, empty, length 1, exactly one interpreter block
@@ -116,23 +116,23 @@ def test_torch_backend_exact_in_fp64(lengths):
 def test_no_rows():
     """Nothing to attend: the torch backend runs (Triton declines an empty sequence axis)."""
     q, k, v = _packed_qkv([0, 0], 2, 16, torch.float32)
-    assert attention_packed_op.select(None, q, k, v, [0, 0]).name == "torch"
+    assert attention_packed_op.select(PackedAttentionInputs(q, k, v, (0, 0))).name == "torch"
     assert attention_packed(q, k, v, [0, 0]).shape == (0, 2, 16)
     assert attention_packed(q, k, v, []).shape == (0, 2, 16)
 
 
 def test_dispatch_and_env_alias(monkeypatch):
     q, k, v = _packed_qkv([5, 3], 1, 16, torch.float32)
-    assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "triton"
-    assert attention_packed_op.select(None, q, k, v, [0, 0, 8]).name == "triton"
+    assert attention_packed_op.select(PackedAttentionInputs(q, k, v, (5, 3))).name == "triton"
+    assert attention_packed_op.select(PackedAttentionInputs(q, k, v, (0, 0, 8))).name == "triton"
     doubles = [t.double() for t in (q, k, v)]
     with pytest.raises(BackendUnavailableError, match="dtype torch.float64"):
         attention_packed(*doubles, [5, 3], backend="triton")
     monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", "attention=torch")  # the padded op's switch
-    assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "torch"
+    assert attention_packed_op.select(PackedAttentionInputs(q, k, v, (5, 3))).name == "torch"
     for value in ("attention=torch,attention_packed=triton", "attention_packed=triton,attention=torch"):
         monkeypatch.setenv("UNISPEECH_KERNELS_BACKEND", value)  # its own entry beats its alias's
-        assert attention_packed_op.select(None, q, k, v, [5, 3]).name == "triton", value
+        assert attention_packed_op.select(PackedAttentionInputs(q, k, v, (5, 3))).name == "triton", value
     monkeypatch.setattr(_runtime, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET
     monkeypatch.delenv("UNISPEECH_KERNELS_BACKEND")
     with pytest.raises(BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):

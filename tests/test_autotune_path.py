@@ -13,12 +13,10 @@ from tests.test_pos_conv import _params as _pos_conv_params
 from tests.test_pos_conv import check_against_reference as check_pos_conv
 from unispeech_kernels import attention_packed
 from unispeech_kernels._runtime import interpret_mode
-from unispeech_kernels.ops import _triton_helpers
-from unispeech_kernels.ops import attention as attention_module
-from unispeech_kernels.ops import attention_bwd as attention_bwd_module
-from unispeech_kernels.ops._triton_helpers import AUTOTUNED, tuned_choices
-from unispeech_kernels.ops.attention import draw_dropout_seed
-from unispeech_kernels.ops.attention_bwd import dropout_keep_mask
+from unispeech_kernels._runtime import SM90_SHARED_MEMORY
+from unispeech_kernels.ops import _common, attention_kernels
+from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
+from unispeech_kernels.ops.attention import draw_dropout_seed, dropout_keep_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 on_cpu_only = pytest.mark.skipif(not interpret_mode(), reason="GPUs autotune for real")
@@ -44,10 +42,9 @@ def autotuning(monkeypatch):
     """Autotuned launches take the GPU path with the stand-in timer; yields {kernel name: the configs
     it timed, in order}. Each kernel starts with an empty cache, restored afterwards."""
     timed = {name: [] for name in AUTOTUNED}
-    monkeypatch.setattr(_triton_helpers, "interpret_mode", lambda: False)
-    smem = lambda index: attention_bwd_module.SM90_SMEM  # noqa: E731 (no CUDA device to ask)
-    monkeypatch.setattr(attention_bwd_module, "_device_smem", smem)
-    monkeypatch.setattr(attention_module, "_device_smem", smem)
+    monkeypatch.setattr(_common, "interpret_mode", lambda: False)
+    # no CUDA device to ask
+    monkeypatch.setattr(attention_kernels, "shared_memory_per_block", lambda index: SM90_SHARED_MEMORY)
     for name, tuned in AUTOTUNED.items():
         def stand_in_timer(*args, config, _timed=timed[name], **meta):
             _timed.append(config)

@@ -96,7 +96,8 @@ def test_harness_verify_records_a_match(benchmark, monkeypatch):
     rec = harness.Recorder(ROOT, None, 1)
     assert rec.info["commit"] == "0123abc"  # a GPU machine gets the tree without .git
     sets = [(torch.randn(32, 32), torch.randn(32, 32))]
-    close = lambda: {"rel_diff": harness.rel_diff([torch.ones(4) * 1.0005], [torch.ones(4)]), "vs": "torch"}
+    def close():
+        return {"rel_diff": harness.rel_diff([torch.ones(4) * 1.0005], [torch.ones(4)]), "vs": "torch"}
     rec.run(benchmark, _case("triton"), torch.mm, sets, torch.device("cpu"), verify=close)
     row = rec.rows[0]
     assert row["error"] is None and row["vs"] == "torch" and row["outputs_match"] is True
@@ -105,7 +106,8 @@ def test_harness_verify_records_a_match(benchmark, monkeypatch):
 
 def test_harness_wrong_result_is_an_error_row_and_a_failure(benchmark):
     rec = harness.Recorder(ROOT, None, 1)
-    wrong = lambda: {"rel_diff": 0.5, "vs": "sdpa"}
+    def wrong():
+        return {"rel_diff": 0.5, "vs": "sdpa"}
     with pytest.raises(pytest.fail.Exception, match="wrong result: rel diff 5.00e-01 vs sdpa"):
         rec.run(benchmark, _case("triton"), torch.mm, [(torch.randn(8, 8), torch.randn(8, 8))],
                 torch.device("cpu"), verify=wrong)
@@ -122,7 +124,7 @@ def test_harness_does_not_verify_baselines(benchmark):
 
 
 def test_check_profile_covers_every_goal_shape():
-    """gpu-check's profile measures what the issues' goals name: attention at S 250/500/1000/1500
+    """gpu-check's profile measures the project's goal shapes: attention at S 250/500/1000/1500
     with H 16, D 64 against SDPA and FlexAttention (fwd and bwd), pos conv at T 500/1500 for both
     models, the first layer's CUDA kernel next to Triton, the feature encoder at 10 and 30 s against
     eager and torch.compile, and the model against transformers."""
@@ -207,9 +209,9 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
 def test_tuned_choices_reports_what_each_autotuner_picked():
     """Every autotuned kernel is registered, and a pick in an autotuner's cache (as a GPU run leaves
     it) comes back with its key and config; a report of a run that tuned nothing has no section."""
-    import unispeech_kernels  # noqa: F401  (imports every op)
-    from unispeech_kernels.ops.attention import FWD_CONFIGS
-    from unispeech_kernels.ops._triton_helpers import AUTOTUNED, tuned_choices
+    from unispeech_kernels.ops import conv_layer_kernels, pos_conv_kernels  # noqa: F401  (their autotuners)
+    from unispeech_kernels.ops.attention_kernels import FWD_CONFIGS
+    from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
     assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
                               "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}
     tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, "torch.bfloat16")
@@ -294,5 +296,6 @@ def test_gpu_check_runs_every_gpu_test_file():
               and gpu_tensors.search(pathlib.Path(tests_dir, name).read_text())}
     with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
         listed = set(re.findall(r"tests/(test_\w+\.py)", f.read()))
-    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)}"
+    missing = sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)
+    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {missing}"
     assert GPU_CHECK_ELSEWHERE - {"test_bench_verify.py"} <= listed

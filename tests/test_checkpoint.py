@@ -251,7 +251,8 @@ def test_from_pretrained_loading_kwargs(tmp_path):
     cls = unispeech.UniSpeechForSequenceClassification
     for kw in (dict(local_files_only=True), dict(local_files_only=False), dict(low_cpu_mem_usage=True),
                dict(use_safetensors=True), dict(config=hf.config),
-               dict(config=unispeech.UniSpeechConfig(**TINY, num_labels=3)), dict(config=str(tmp_path / "config.json"))):
+               dict(config=unispeech.UniSpeechConfig(**TINY, num_labels=3)),
+               dict(config=str(tmp_path / "config.json"))):
         same_outputs(hf, cls.from_pretrained(tmp_path, **kw))
     ours = cls.from_pretrained(tmp_path, config=hf.config, final_dropout=0.3)  # overrides apply to a given config
     assert ours.config.final_dropout == 0.3 and hf.config.final_dropout == 0.1

@@ -4,6 +4,7 @@ CPU: the package works without the extension and every path reports "CUDA extens
 GPU (@pytest.mark.gpu, needs the built extension: see csrc/README.md): the fused first conv layer
 against the fp64 torch reference, and the bindings' errors for bad input.
 """
+import dataclasses
 import json
 import os
 
@@ -14,12 +15,23 @@ from test_feature_encoder import DEVICE as FE_DEVICE, STRIDES as FE_STRIDES, _pa
 from tests.tolerances import assert_error_within
 from unispeech_kernels import _cuda
 from unispeech_kernels.dispatch import BackendUnavailableError, Op, resolve_backend
-from unispeech_kernels.ops.feature_encoder import feature_encoder, feature_encoder_op, feature_encoder_reference
-from unispeech_kernels.ops.first_conv_layer import first_conv_layer_op, first_conv_layer_reference
+from unispeech_kernels.ops.feature_encoder import (FeatureEncoderInputs, feature_encoder, feature_encoder_op,
+                                                   feature_encoder_reference)
+from unispeech_kernels.ops.first_conv_layer import (FirstConvLayerInputs, first_conv_layer_cuda, first_conv_layer_op,
+                                                    first_conv_layer_reference)
 
 NOT_BUILT = _cuda.extension_reason() is not None
 needs_ext = pytest.mark.skipif(NOT_BUILT and os.environ.get("UNISPEECH_REQUIRE_CUDA_EXT") != "1",
                                reason="CUDA extension not built (UNISPEECH_REQUIRE_CUDA_EXT=1 makes this a failure)")
+
+
+def cuda_check(*args, **kwargs):
+    """The CUDA backend's reason for these first_conv_layer arguments (None: it runs them)."""
+    return first_conv_layer_op.backends["cuda"].reason(FirstConvLayerInputs(*args, **kwargs))
+
+
+def run_cuda(*args, **kwargs):
+    return first_conv_layer_cuda(FirstConvLayerInputs(*args, **kwargs))
 
 
 def make_inputs(B, L, C, K, dtype, device, *, bias=True, norm_affine=True):
@@ -38,35 +50,36 @@ def test_reasons_without_extension():
     assert _cuda.extension_reason() == "CUDA extension not built"
     assert _cuda.cuda_reason() == "CUDA extension not built"
     x, w, b, nw, nb = make_inputs(1, 50, 8, 10, torch.float32, "cpu")
-    assert _cuda.first_conv_layer_cuda_check(x, w, b, 5, "group", nw, nb) == "CUDA extension not built"
+    assert cuda_check(x, w, b, 5, "group", nw, nb) == "CUDA extension not built"
     with pytest.raises(RuntimeError, match="CUDA extension not built"):
-        _cuda.first_conv_layer_cuda(x, w, b, 5, "group", nw, nb)
+        run_cuda(x, w, b, 5, "group", nw, nb)
 
 
 def test_check_rejects_inputs_that_need_grad():
     x, w, b, nw, nb = make_inputs(1, 50, 8, 10, torch.float32, "cpu")
     w.requires_grad_(True)
-    assert _cuda.first_conv_layer_cuda_check(x, w, b, 5, "layer", nw, nb) == "cuda first_conv_layer has no backward"
+    assert cuda_check(x, w, b, 5, "layer", nw, nb) == "cuda first_conv_layer has no backward"
     with torch.no_grad():
-        assert _cuda.first_conv_layer_cuda_check(x, w, b, 5, "layer", nw, nb) != "cuda first_conv_layer has no backward"
+        assert cuda_check(x, w, b, 5, "layer", nw, nb) != "cuda first_conv_layer has no backward"
 
 
 @pytest.mark.skipif(not NOT_BUILT, reason="the extension is built here")
 def test_dispatcher_lists_the_reason_when_cuda_is_forced():
     op = Op("first_conv_layer_probe")
-    op.register("cuda", check=_cuda.first_conv_layer_cuda_check, auto=False)(_cuda.first_conv_layer_cuda)
-    op.register("torch", check=lambda *a, **k: None)(lambda *a, **k: "torch ran")
+    op.backends["cuda"] = dataclasses.replace(first_conv_layer_op.backends["cuda"], op=op.name)
+    op.backend("torch")(lambda inputs: "torch ran")
     x, w, b, nw, nb = make_inputs(2, 64, 16, 10, torch.float32, "cpu")
-    assert op(x, w, b, 5, "group", nw, nb) == "torch ran"
+    assert op(FirstConvLayerInputs(x, w, b, 5, "group", nw, nb)) == "torch ran"
     with pytest.raises(BackendUnavailableError, match="cuda: CUDA extension not built"):
-        op(x, w, b, 5, "group", nw, nb, backend="cuda")
+        op(FirstConvLayerInputs(x, w, b, 5, "group", nw, nb), backend="cuda")
 
 
 @pytest.mark.skipif("cuda" not in first_conv_layer_op.backends or not NOT_BUILT,
                     reason="cuda backend not registered for first_conv_layer, or the extension is built")
 def test_first_conv_layer_op_reports_extension_not_built():
     x, w, b, nw, nb = make_inputs(2, 64, 16, 10, torch.float32, "cpu")
-    assert first_conv_layer_op.reasons(x, w, b, 5, "group", nw, nb)["cuda"] == "CUDA extension not built"
+    assert first_conv_layer_op.reasons(FirstConvLayerInputs(x, w, b, 5, "group", nw, nb))["cuda"] == \
+        "CUDA extension not built"
 
 
 def encoder_inputs(dtype, norm_mode):
@@ -88,11 +101,12 @@ def test_model_wide_cuda_choice_per_op():
 @pytest.mark.skipif(not NOT_BUILT, reason="the extension is built here")
 def test_feature_encoder_cuda_backend_reasons():
     args = encoder_inputs(torch.float32, "group")
-    assert feature_encoder_op.reasons(*args)["cuda"] == "layer 0: CUDA extension not built"
+    assert feature_encoder_op.reasons(FeatureEncoderInputs(*args))["cuda"] == "layer 0: CUDA extension not built"
     with pytest.raises(BackendUnavailableError, match="cuda: layer 0: CUDA extension not built"):
         feature_encoder(*args, backend="cuda")
     args[1][0].requires_grad_(True)
-    assert feature_encoder_op.reasons(*args)["cuda"] == "layer 0: cuda first_conv_layer has no backward"
+    assert feature_encoder_op.reasons(FeatureEncoderInputs(*args))["cuda"] == \
+        "layer 0: cuda first_conv_layer has no backward"
 
 
 @pytest.mark.parametrize("archs, cap, ok", [
@@ -120,8 +134,8 @@ def test_built_archs_reads_build_info(tmp_path, monkeypatch):
 # ---- GPU: the kernel against the reference ------------------------------------------------------
 def run_and_compare(x, w, b, stride, norm_mode, nw, nb, *, input_lengths=None, batch_invariant=False):
     kw = dict(eps=1e-5, activation="gelu", input_lengths=input_lengths, batch_invariant=batch_invariant)
-    assert _cuda.first_conv_layer_cuda_check(x, w, b, stride, norm_mode, nw, nb, **kw) is None
-    out = _cuda.first_conv_layer_cuda(x, w, b, stride, norm_mode, nw, nb, **kw)
+    assert cuda_check(x, w, b, stride, norm_mode, nw, nb, **kw) is None
+    out = run_cuda(x, w, b, stride, norm_mode, nw, nb, **kw)
     ref = first_conv_layer_reference(x, w, b, stride, norm_mode, nw, nb, upcast=True, **kw)
     eager = first_conv_layer_reference(x, w, b, stride, norm_mode, nw, nb, **kw)
     assert out.dtype == x.dtype and out.is_contiguous()
@@ -151,9 +165,9 @@ def test_first_conv_layer_batch_invariant_lengths(dtype):
     x, w, b, nw, nb = make_inputs(4, 4001, 512, 10, dtype, "cuda")
     lengths = torch.tensor([4001, 2500, 7, 10], device="cuda")  # full, partial, no frame, one frame
     run_and_compare(x, w, b, 5, "group", nw, nb, input_lengths=lengths, batch_invariant=True)
-    single = _cuda.first_conv_layer_cuda(x[1:2, :2500], w, b, 5, "group", nw, nb, eps=1e-5,
+    single = run_cuda(x[1:2, :2500], w, b, 5, "group", nw, nb, eps=1e-5,
                                          input_lengths=lengths[1:2], batch_invariant=True)
-    padded = _cuda.first_conv_layer_cuda(x, w, b, 5, "group", nw, nb, eps=1e-5,
+    padded = run_cuda(x, w, b, 5, "group", nw, nb, eps=1e-5,
                                          input_lengths=lengths, batch_invariant=True)
     torch.testing.assert_close(padded[1, :single.shape[1]], single[0])  # padding does not leak in
 
@@ -180,10 +194,10 @@ def test_first_conv_layer_meta_shapes():  # Meta implementation: no GPU needed
 def test_cuda_reason_and_check_on_gpu():
     assert _cuda.cuda_reason() is None
     x, w, b, nw, nb = make_inputs(1, 50, 8, 10, torch.float32, "cuda")
-    assert _cuda.first_conv_layer_cuda_check(x, w, b, 5, "group", nw, nb, activation="relu").startswith(
+    assert cuda_check(x, w, b, 5, "group", nw, nb, activation="relu").startswith(
         "cuda first_conv_layer implements only exact gelu")
-    assert "CUDA tensors" in _cuda.first_conv_layer_cuda_check(x.cpu(), w.cpu(), b.cpu(), 5, "group", nw.cpu(), nb.cpu())
-    assert "several devices" in _cuda.first_conv_layer_cuda_check(x, w.cpu(), b, 5, "group", nw, nb)
+    assert "CUDA tensors" in cuda_check(x.cpu(), w.cpu(), b.cpu(), 5, "group", nw.cpu(), nb.cpu())
+    assert "several devices" in cuda_check(x, w.cpu(), b, 5, "group", nw, nb)
 
 
 def _bad_inputs():
@@ -239,3 +253,26 @@ def test_feature_encoder_cuda_backend_matches_reference(dtype, norm_mode):
         eager = feature_encoder_reference(*args)
     assert feature_encoder_op.last_reasons["cuda"] is None
     assert_error_within(out, ref, eager, dtype, f"feature_encoder[cuda, {norm_mode}]")
+
+
+@pytest.mark.skipif(NOT_BUILT, reason="CUDA extension not built")
+def test_python_limits_are_the_extensions():
+    """The backend's limits are what the built extension exports from csrc/first_conv_layer.cuh, and
+    its shared-memory answer flips where the bindings' own check does (Meta tensors: no GPU)."""
+    from tests.test_dispatch import _header_constants
+
+    h = _header_constants()
+    assert dict(_cuda.kernel_limits()) == {"channels": h["FCL_MAX_C"], "kernel size": h["FCL_MAX_K"],
+                                           "batch (a grid axis)": h["FCL_MAX_BATCH"]}
+    k = 10
+    largest = (h["FCL_MAX_SMEM_BYTES"] // 4 - k - 2 * 32 * h["FCL_T_TILE"]) // (h["FCL_T_TILE"] - 1)
+    w = torch.empty(8, 1, k, device="meta")
+    for stride in (largest, largest + 1):
+        x = torch.empty(1, k + stride, device="meta")
+        fits = _cuda.fits_shared_memory(k, stride)
+        assert fits == (stride == largest)
+        if fits:
+            torch.ops.unispeech_cuda.first_conv_layer(x, w, None, stride, 0, None, None, 1e-5, None)
+        else:
+            with pytest.raises(RuntimeError, match="shared-memory sample tile"):
+                torch.ops.unispeech_cuda.first_conv_layer(x, w, None, stride, 0, None, None, 1e-5, None)

@@ -11,11 +11,13 @@ import torch
 from tests.tolerances import assert_close, assert_error_within, first_conv_bias_terms
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.dispatch import BackendUnavailableError
-from unispeech_kernels.ops._triton_helpers import forced_tiles
+from unispeech_kernels.ops._common import forced_tiles
 from unispeech_kernels.ops import conv_layer as conv_layer_module
+from unispeech_kernels.ops import conv_layer_kernels
 from unispeech_kernels.ops.conv_layer import aot_specs
-from unispeech_kernels.ops.feature_encoder import (conv_output_length, feature_encoder, feature_encoder_op,
-                                                   feature_encoder_reference, receptive_field)
+from unispeech_kernels.ops.feature_encoder import (FeatureEncoderInputs, feature_encoder, feature_encoder_op,
+                                                   feature_encoder_reference)
+from unispeech_kernels.padding import conv_output_length, receptive_field
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIMS, KERNELS, STRIDES = (32, 32, 24, 16), (10, 3, 3, 2), (5, 2, 2, 2)
@@ -130,7 +132,7 @@ def test_every_gpu_tile_config(i, norm_mode):
     change no arithmetic)."""
     with contextlib.ExitStack() as stack:
         for gemm in ("fwd", "fwd_norm", "bwd_dx", "bwd_dw"):
-            tuned = getattr(conv_layer_module, f"_conv_{gemm}")
+            tuned = getattr(conv_layer_kernels, f"_conv_{gemm}")
             stack.enter_context(forced_tiles(tuned, tuned.configs[i % len(tuned.configs)].kwargs))
         check_conv_layer(norm_mode)
 
@@ -253,8 +255,8 @@ def test_bad_input_raises_clear_errors():
 def test_dispatch_is_opt_in_until_benchmarked():
     ws, bs, gs, betas = _params("group", False, torch.float32)
     args = (torch.randn(1, 900, device=DEVICE), ws, bs, list(STRIDES), "group", gs, betas)
-    assert feature_encoder_op.reasons(*args)["triton"] is None
-    assert feature_encoder_op.select(None, *args).name != "triton"
+    assert feature_encoder_op.reasons(FeatureEncoderInputs(*args))["triton"] is None
+    assert feature_encoder_op.select(FeatureEncoderInputs(*args)).name != "triton"
 
 
 def test_torch_compile_fullgraph():
@@ -312,7 +314,7 @@ def test_norm_without_affine_parameters_falls_back(norm_mode):
     ws, bs, gs, betas = _params(norm_mode, True, torch.float32)
     x = torch.randn(2, 900, device=DEVICE)
     none = [None] * len(gs)
-    reasons = feature_encoder_op.reasons(x, ws, bs, list(STRIDES), norm_mode, none, none)
+    reasons = feature_encoder_op.reasons(FeatureEncoderInputs(x, ws, bs, list(STRIDES), norm_mode, none, none))
     assert "affine weight or bias (None)" in reasons["triton"]
     with pytest.raises(BackendUnavailableError, match="affine"):
         feature_encoder(x, ws, bs, list(STRIDES), norm_mode, none, none, backend="triton")

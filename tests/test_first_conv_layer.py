@@ -6,7 +6,8 @@ import torch
 
 from tests.tolerances import assert_close, assert_error_within, first_conv_bias_terms
 from unispeech_kernels.dispatch import BackendUnavailableError
-from unispeech_kernels.ops.first_conv_layer import (aot_specs, first_conv_layer, first_conv_layer_op,
+from unispeech_kernels.ops.first_conv_layer import (FirstConvLayerInputs, aot_specs, first_conv_layer,
+                                                    first_conv_layer_op,
                                                     first_conv_layer_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,10 +149,10 @@ def test_activation_other_than_gelu_rejected():
     p = _params(8, "layer", True, torch.float32)
     x = torch.randn(1, 100, device=DEVICE)
     args = (x, p["weight"], p["bias"], STRIDE, "layer", p["norm_weight"], p["norm_bias"])
-    assert "activation" in first_conv_layer_op.reasons(*args, activation="relu")["triton"]
+    assert "activation" in first_conv_layer_op.reasons(FirstConvLayerInputs(*args, activation="relu"))["triton"]
     with pytest.raises(BackendUnavailableError, match="activation"):
         first_conv_layer(*args, activation="relu", backend="triton")
-    assert first_conv_layer_op.reasons(*args)["triton"] is None
+    assert first_conv_layer_op.reasons(FirstConvLayerInputs(*args))["triton"] is None
 
 
 def test_aot_specs_name_every_argument():

@@ -256,14 +256,16 @@ def test_30_minute_utterance_on_the_gpu():
 def test_dispatch_and_reasons():
     lp = quantized_log_probs(1, 4, 3)
     forced_align(lp, _t([[1]]))
-    assert fa.forced_align_dispatch.last_reasons["torch"] is None
-    assert (fa.forced_align_dispatch.last_reasons["triton"] is None) == HAS_TRITON
-    with pytest.raises(BackendUnavailableError, match="dtype torch.float64: the kernel reads fp32"):
+    inputs = fa.ForcedAlignInputs(lp, _t([[1]]), *fa.check_forced_align_inputs(lp, _t([[1]]), None, None, 0, None,
+                                                                              -1.0, "raise"), 0, None, -1.0, True)
+    reasons = fa.forced_align_dispatch.reasons(inputs)
+    assert reasons["torch"] is None and (reasons["triton"] is None) == HAS_TRITON
+    with pytest.raises(BackendUnavailableError, match="dtype torch.float64 not supported"):
         forced_align(lp.double(), _t([[1]]), backend="triton")
     wide = torch.ones(1, fa.MAX_TRITON_LABELS + 1, dtype=torch.long, device=DEVICE)
     lengths = fa.check_forced_align_inputs(lp, wide, None, None, 0, None, -1.0, "raise")
-    reason = fa._triton_check(lp, wide, *lengths, 0, None, -1.0, True)
-    assert reason is not None and ("4097 labels > 4096" in reason or not HAS_TRITON)
+    reason = fa.forced_align_dispatch.reasons(fa.ForcedAlignInputs(lp, wide, *lengths, 0, None, -1.0, True))["triton"]
+    assert reason is not None and ("labels 4097 > 4096" in reason or not HAS_TRITON)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

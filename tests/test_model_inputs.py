@@ -148,8 +148,8 @@ def test_padding_does_not_leak():
 def test_kernel_backend_cuda_forces_the_extension_where_an_op_has_it():
     """The feature encoder has a CUDA backend (layer 0): forced, it runs or says why not."""
     m = model(kernel_backend="cuda")
-    with torch.no_grad(), pytest.raises(BackendUnavailableError,
-                                        match=r"feature_encoder: backend 'cuda' cannot run this input \(cuda: layer 0: "):
+    with torch.no_grad(), pytest.raises(
+            BackendUnavailableError, match=r"feature_encoder: backend 'cuda' cannot run this input \(cuda: layer 0: "):
         m(torch.randn(1, 500))
 
 
@@ -167,7 +167,8 @@ def test_kernel_backends_and_switch_names():
     assert cfg.attn_implementation == "sdpa", "constructor overrides must not change the caller's config"
     with pytest.raises(ValueError, match=r"unknown attn_implementation 'flash2'; valid: \['eager', 'sdpa', 'triton'\]"):
         unispeech.UniSpeechConfig(attn_implementation="flash2")
-    with pytest.raises(ValueError, match=r"unknown kernel_backend 'cudnn'; valid: \['auto', 'torch', 'triton', 'cuda'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown kernel_backend 'cudnn'; valid: \['auto', 'torch', 'triton', 'cuda'\]"):
         unispeech.UniSpeechModel(cfg, kernel_backend="cudnn")
     with pytest.raises(ValueError, match="unknown attn_implementation"):
         cfg.attn_implementation = "xformers"

@@ -2,9 +2,10 @@
 
 Tiny random-weight configs; every output field, hidden_states and attentions tuples are compared
 with ALLCLOSE[float32] (relative 1e-5), on the real frames of padded batches: our encoder skips
-padded frames (they are zero in our layer outputs; transformers fills them with values nothing
-real depends on), so per-frame outputs are compared where the frame mask is True. Variants cover both feature-encoder norms, both encoder
-variants, conv_bias, uneven conv lists, odd and even positional kernels and head_dim 12 / 8.
+padded frames (they are zero in our layer outputs; transformers fills them with values nothing real
+depends on), so per-frame outputs are compared where the frame mask is True. Variants cover both
+feature-encoder norms, both encoder variants, conv_bias, uneven conv lists, odd and even positional
+kernels and head_dim 12 / 8.
 The reference is transformers >= 5.23 (setup.py's test extra): earlier 5.x releases differ in ways
 these tests see (before 5.21 CTC counts blank ids in the labels as targets; before 5.23 LayerDrop
 draws a random number even at layerdrop 0, shifting the random stream).

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unispeech_kernels._runtime import interpret_mode
-from unispeech_kernels.ops._triton_helpers import NORM_GROUP, NORM_LAYER, NORM_NONE
+from unispeech_kernels.ops._common import NORM_GROUP, NORM_LAYER, NORM_NONE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.unispeech_kernels

@@ -4,7 +4,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import unispeech_kernels  # noqa: E402
+import unispeech_kernels  # noqa: E402,F401  (registers attn_implementation="triton")
 from unispeech_kernels import patch_model, unpatch_model  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 

@@ -13,11 +13,10 @@ import torch
 from tests.tolerances import assert_close, assert_error_within
 from unispeech_kernels import BackendUnavailableError
 from unispeech_kernels._runtime import interpret_mode
-from unispeech_kernels.ops import pos_conv as pos_conv_module
-from unispeech_kernels.ops import pos_conv_bwd as pos_conv_bwd_module
-from unispeech_kernels.ops._triton_helpers import forced_tiles
-from unispeech_kernels.ops.pos_conv import (aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_embed,
-                                            pos_conv_fwd, pos_conv_op, pos_conv_reference)
+from unispeech_kernels.ops import pos_conv_kernels
+from unispeech_kernels.ops._common import forced_tiles
+from unispeech_kernels.ops.pos_conv import (PosConvInputs, aot_specs, fold_weight_norm, pos_conv_bwd, pos_conv_dw,
+                                            pos_conv_embed, pos_conv_fwd, pos_conv_op, pos_conv_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -68,15 +67,15 @@ def test_matches_reference(dtype, K, T):
 
 
 @pytest.mark.skipif(not interpret_mode(), reason="tiles are forced under the interpreter; GPUs autotune")
-@pytest.mark.parametrize("config", pos_conv_module._pos_conv_conv.configs,
+@pytest.mark.parametrize("config", pos_conv_kernels._pos_conv_conv.configs,
                          ids=lambda c: "t{BLOCK_T}_r{BLOCK_R}".format(**c.kwargs))
 def test_every_gpu_tile_config(config):
     """Each GPU config's tiles for the conv kernel (forward and, flipped, dX) with the GPU's dW tiles,
     forced on the interpreter (warps and stages change no arithmetic): CG 48 as in UniSpeech-base
     (a 64-wide channel tile, 16 masked), K * CG = 768 reduction rows, T 200 over 64 / 128-frame tiles."""
     x = torch.randn(2, 200, 96, device=DEVICE).to(torch.float16)
-    with forced_tiles(pos_conv_module._pos_conv_conv, config.kwargs), \
-            forced_tiles(pos_conv_bwd_module._pos_conv_dw_kernel, pos_conv_bwd_module._DW_CONFIG):
+    with forced_tiles(pos_conv_kernels._pos_conv_conv, config.kwargs), \
+            forced_tiles(pos_conv_kernels._pos_conv_dw_kernel, pos_conv_kernels.DW_CONFIG):
         check_against_reference(x, *_params(96, 2, 16, torch.float16), 2)
 
 
@@ -136,7 +135,7 @@ def test_dw_accumulates_in_fp32_and_rounds_once(dtype, split):
     accumulator's error): no low-precision partials, no double rounding, whole or split over frames."""
     B, T, C, G, K = 2, 50, 32, 4, 7
     x, dpre = torch.randn(B, T, C, device=DEVICE).to(dtype), torch.randn(B, T, C, device=DEVICE).to(dtype)
-    dw, _ = pos_conv_bwd_module.pos_conv_dw(x, dpre, K, G, False, split=split)
+    dw, _ = pos_conv_dw(x, dpre, K, G, False, split=split)
     # dW[g*CG + co, ci, k] = sum_{b,t} x[b, t + k - K//2, g*CG + ci] * dpre[b, t, g*CG + co], in fp64
     shifted = torch.nn.functional.pad(x.double(), (0, 0, K // 2, K // 2)).unfold(1, T, 1)  # [B, K, C, T]
     grouped = (B, K, G, C // G, T)
@@ -210,11 +209,11 @@ def test_torch_compile_fullgraph():
 def test_dispatch_reasons():
     x = torch.randn(1, 8, 32, device=DEVICE)
     w = torch.randn(32, 8, 16, device=DEVICE)
-    reasons = pos_conv_op.reasons(x, w, None, groups=4, activation="relu")
+    reasons = pos_conv_op.reasons(PosConvInputs(x, w, None, 4, activation="relu"))
     assert "gelu" in reasons["triton"]
-    reasons = pos_conv_op.reasons(x.double(), w.double(), None, groups=4)
+    reasons = pos_conv_op.reasons(PosConvInputs(x.double(), w.double(), None, 4))
     assert "float64" in reasons["triton"]
-    assert pos_conv_op.reasons(x, w, None, groups=4)["triton"] is None
+    assert pos_conv_op.reasons(PosConvInputs(x, w, None, 4))["triton"] is None
     with pytest.raises(BackendUnavailableError, match="gelu"):
         pos_conv_embed(x, w, None, groups=4, activation="relu", backend="triton")
     torch.testing.assert_close(pos_conv_embed(x, w, None, groups=4, activation="relu", backend="torch"),

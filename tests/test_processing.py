@@ -62,7 +62,8 @@ FE_CASES = [
 def test_feature_extractor_matches_transformers(case, return_attention_mask, do_normalize, padding_value):
     raw = _batch(np.random.default_rng(1))
     config = dict(do_normalize=do_normalize, padding_value=padding_value, return_attention_mask=True)
-    ours = UniSpeechFeatureExtractor(**config)(raw, sampling_rate=SR, return_attention_mask=return_attention_mask, **case)
+    ours = UniSpeechFeatureExtractor(**config)(raw, sampling_rate=SR, return_attention_mask=return_attention_mask,
+                                               **case)
     theirs = transformers.Wav2Vec2FeatureExtractor(**config)(
         raw, sampling_rate=SR, return_attention_mask=return_attention_mask, **case)
     _assert_same_features(ours, theirs)
@@ -160,7 +161,8 @@ def test_feature_extractor_files(tmp_path):
     theirs.sampling_rate = 8000
     theirs.save_pretrained(tmp_path / "theirs")
     back = UniSpeechFeatureExtractor.from_pretrained(tmp_path / "theirs")
-    assert (back.sampling_rate, back.return_attention_mask, back.do_normalize, back.padding_value) == (8000, True, False, 0.25)
+    assert (back.sampling_rate, back.return_attention_mask, back.do_normalize, back.padding_value) == \
+        (8000, True, False, 0.25)
     assert UniSpeechFeatureExtractor.from_pretrained(tmp_path / "theirs", do_normalize=True).do_normalize
     with pytest.raises(OSError, match="not a local folder"):
         UniSpeechFeatureExtractor.from_pretrained(tmp_path / "missing")

@@ -29,8 +29,8 @@ Model-level comparisons with no eager baseline in the same precision (our model 
 patched vs unpatched) use ``assert_close`` with ``ALLCLOSE``: both sides compute in fp32 with
 different association orders, over several layers.
 
-Every comparison that passes records err / bound in ``MARGINS`` (a failing one fails its test); tests/conftest.py prints the tightest at the end
-of the run (and writes them all to $UNISPEECH_MARGINS_JSON when set).
+Every comparison that passes records err / bound in ``MARGINS`` (a failing one fails its test);
+tests/conftest.py prints the tightest at the end of the run (and writes them all to $UNISPEECH_MARGINS_JSON when set).
 """
 import math
 import os

@@ -1,6 +1,6 @@
 """UniSpeechConfig: every field of transformers' UniSpeechConfig (5.x) with the same defaults, plus
-the switches of this library (``attn_implementation``, ``kernel_backend``,
-``batch_invariant_group_norm``) and the pre-training objective's fields transformers lacks
+the switches of this library (``attn_implementation``, ``kernel_backend``: one rule for both,
+``attention_implementation``; ``batch_invariant_group_norm``) and the pre-training objective's fields transformers lacks
 (``pretraining_ctc_weight``, ``pretraining_ctc_blank_id``; see unispeech.pretraining).
 
 config.json compatibility: the file we write is read by transformers' UniSpeechConfig and we read
@@ -47,7 +47,7 @@ COMMON_DEFAULTS: Dict[str, Any] = dict(
     architectures=None, output_hidden_states=False, output_attentions=False, return_dict=True,
     dtype=None, chunk_size_feed_forward=0, is_encoder_decoder=False, problem_type=None,
 )
-OUR_DEFAULTS: Dict[str, Any] = dict(attn_implementation="sdpa", kernel_backend="auto",
+OUR_DEFAULTS: Dict[str, Any] = dict(attn_implementation=None, kernel_backend="auto",
                                     batch_invariant_group_norm=False,
                                     # pre-training objective (unispeech.pretraining): CTC weight alpha,
                                     # CTC blank id (None: pad_token_id)
@@ -56,9 +56,23 @@ DERIVED = ("num_feat_extract_layers", "model_type", "transformers_version", "_na
 
 
 def check_attn_implementation(name) -> str:
-    if name not in ATTN_IMPLEMENTATIONS:
+    if name is not None and name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"unknown attn_implementation {name!r}; valid: {list(ATTN_IMPLEMENTATIONS)}")
     return name
+
+
+def attention_implementation(attn_implementation, kernel_backend: str) -> str:
+    """The one rule for the two switches. ``kernel_backend`` chooses the backend of the three hot
+    spots (feature encoder, positional conv, attention): "torch", "triton", "cuda" (the CUDA
+    extension where an op has it, Triton elsewhere: attention has none) or "auto" (the dispatcher
+    picks per op; for attention that is SDPA). ``attn_implementation``, when set, names the
+    attention instead and wins over ``kernel_backend`` for it: "eager" (matmul + softmax, returns
+    weights), "sdpa" (torch SDPA) or "triton" (Triton, falling back to SDPA with a warning where it
+    cannot run). Unset (None), attention follows ``kernel_backend``: "triton" / "cuda" -> "triton",
+    "torch" / "auto" -> "sdpa"."""
+    if attn_implementation is not None:
+        return attn_implementation
+    return "triton" if kernel_backend in ("triton", "cuda") else "sdpa"
 
 
 def check_kernel_backend(name) -> str:
@@ -89,7 +103,8 @@ class UniSpeechConfig:
     # our switches are validated whenever they are set
     @property
     def attn_implementation(self) -> str:
-        return self._attn_implementation
+        """The attention that runs (``attention_implementation``): the one set, else kernel_backend's."""
+        return attention_implementation(self._attn_implementation, self.kernel_backend)
 
     @attn_implementation.setter
     def attn_implementation(self, name):
@@ -177,6 +192,7 @@ class UniSpeechConfig:
         if out.get("dtype") is not None:
             out["dtype"] = str(out["dtype"]).replace("torch.", "")
         out[OURS_KEY] = {name: getattr(self, name) for name in OUR_DEFAULTS}
+        out[OURS_KEY]["attn_implementation"] = self._attn_implementation  # None: follows kernel_backend
         return dict(sorted(out.items()))
 
     @classmethod

@@ -10,8 +10,8 @@ Hot spots: ``unispeech_kernels.pos_conv_embed`` (conv + activation + residual in
 
 Padded batches run unpadded: after the positional conv the real frames are packed into rows
 [N, E] (``FramePacking``), so projections, feed-forward and norms do only real work; attention
-runs on the packed rows themselves (``unispeech_kernels.attention_packed``, lengths read on the host
-once per forward) when the mask is a prefix mask, as audio padding always is; the eager path, and
+runs on the packed rows themselves (``unispeech_kernels.attention_packed``, with the host frame
+lengths the model read once per forward) when the mask is a prefix mask, as audio padding always is; the eager path, and
 any other mask, scatter q/k/v back to [B, T, H, D] for the masked op. Real frames are computed
 exactly as in transformers; frames past an utterance's length are zero in the layer outputs
 (transformers leaves values there that depend on the padding and that nothing real attends to).
@@ -29,7 +29,7 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
-from unispeech_kernels.ops.attention import prefix_lengths
+from unispeech_kernels.padding import pack, pack_index, prefix_lengths, unpack
 from unispeech_kernels.weight_norm import FoldedWeightNorm
 
 from .feature_encoder import kernel_backend
@@ -76,9 +76,11 @@ class UniSpeechPositionalConvEmbedding(nn.Module):
 
 class FramePacking:
     """The real frames of a [B, T] batch as rows: pack [B, T, ...] -> [N, ...], unpack back with
-    zeros at padded frames. ``mask`` None (nothing padded): both are free reshapes."""
+    zeros at padded frames (``unispeech_kernels.padding``). ``mask`` None (nothing padded): both are
+    free reshapes. ``lengths``: the host frame lengths of a prefix mask, when the caller has them;
+    else they are read from the mask (one host sync)."""
 
-    def __init__(self, batch: int, frames: int, mask: Optional[torch.Tensor]):
+    def __init__(self, batch: int, frames: int, mask: Optional[torch.Tensor], lengths: Optional[List[int]] = None):
         self.batch, self.frames, self.mask = batch, frames, mask
         # packing needs the real-frame count on the host: under torch.compile keep the padded layout
         self.index: Optional[torch.Tensor] = None  # [N] padded position of each packed row
@@ -86,25 +88,30 @@ class FramePacking:
         if mask is None or torch.compiler.is_compiling():
             return
         # a prefix mask (audio padding always is one): utterance b owns the next lengths[b] rows, so
-        # attention can run on the packed rows directly; the one host sync of the forward
-        self.lengths = prefix_lengths(mask)
+        # attention can run on the packed rows directly
+        self.lengths = lengths if lengths is not None else prefix_lengths(mask)
         if self.lengths is None:
             self.index = mask.reshape(-1).nonzero().squeeze(1)
-            return
-        n = sum(self.lengths)
-        lengths = mask.sum(1)
-        # packed row r of utterance b sits at padded position r + (b * frames - first packed row of b)
-        shift = torch.arange(batch, device=mask.device) * frames - (lengths.cumsum(0) - lengths)
-        self.index = torch.arange(n, device=mask.device) + shift.repeat_interleave(lengths, output_size=n)
+        else:
+            self.index = pack_index(self.lengths, frames, mask.device)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(self.batch * self.frames, *x.shape[2:])
-        return x if self.index is None else x.index_select(0, self.index)
+        return pack(x, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        if self.index is not None:
-            x = x.new_zeros(self.batch * self.frames, *x.shape[1:]).index_copy(0, self.index, x)
-        return x.view(self.batch, self.frames, *x.shape[1:])
+        return unpack(x, self.index, self.batch, self.frames)
+
+
+def attention_backend(config) -> Tuple[str, bool]:
+    """(backend, fallback) of the non-eager attention (``configuration.attention_implementation``):
+    "sdpa" -> torch; "triton" set as attn_implementation -> Triton preferred (falls back to SDPA
+    with a warning where it cannot run); "triton" from kernel_backend -> Triton forced, as
+    kernel_backend forces the other hot spots."""
+    if config.attn_implementation == "sdpa":
+        return "torch", False
+    if config._attn_implementation == "triton":
+        return "triton", True
+    return unispeech_kernels.resolve_backend("attention", config.kernel_backend), False
 
 
 class UniSpeechAttention(nn.Module):
@@ -133,11 +140,11 @@ class UniSpeechAttention(nn.Module):
             warnings.warn(f"attn_implementation={impl!r} returns no attention weights: this call runs the "
                           "eager attention for output_attentions=True", stacklevel=2)
             impl = "eager"
-        backend = "torch" if impl == "sdpa" else None
+        backend, fallback = attention_backend(self.config) if impl != "eager" else (None, False)
         if impl != "eager" and frames.lengths is not None:  # attention on the packed rows themselves
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, D] views
-            out = unispeech_kernels.attention_packed(q, k, v, frames.lengths, dropout_p=p,
-                                                     softmax_scale=self.scaling, backend=backend)
+            out = unispeech_kernels.attention_packed(q, k, v, frames.lengths, dropout_p=p, softmax_scale=self.scaling,
+                                                     backend=backend, fallback=fallback)
             return self.out_proj(out.reshape(out.shape[0], -1)), None
         qkv = frames.unpack(qkv).view(frames.batch, frames.frames, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # [B, T, H, D] views
@@ -147,7 +154,7 @@ class UniSpeechAttention(nn.Module):
             out, weights = self._eager(q, k, v, mask, p)
         else:
             out = unispeech_kernels.attention(q, k, v, mask, dropout_p=p, softmax_scale=self.scaling,
-                                              backend=backend)
+                                              backend=backend, fallback=fallback)
         return self.out_proj(frames.pack(out.reshape(frames.batch, frames.frames, -1))), weights
 
     def _eager(self, q, k, v, mask, p):
@@ -237,8 +244,10 @@ class UniSpeechEncoder(nn.Module):
         self.checkpointing: Optional[Tuple[Callable, int]] = None
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions=False,
-                output_hidden_states=False) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
-        """Returns (last_hidden_state, hidden_states, attentions). hidden_states as transformers 5.x:
+                output_hidden_states=False, lengths: Optional[List[int]] = None
+                ) -> Tuple[torch.Tensor, Optional[tuple], Optional[tuple]]:
+        """Returns (last_hidden_state, hidden_states, attentions); ``lengths``: the host frame lengths
+        of ``mask`` when the caller has them (``FramePacking``). hidden_states as transformers 5.x:
         the input of the first layer that runs, then each layer's output (before the final norm of
         the stable variant); layers skipped by LayerDrop record nothing."""
         if mask is not None:  # padded frames are zero before the positional conv, as transformers
@@ -247,7 +256,7 @@ class UniSpeechEncoder(nn.Module):
         if not self.stable:
             hidden = self.layer_norm(hidden)
         hidden = self.dropout(hidden)
-        frames = FramePacking(hidden.shape[0], hidden.shape[1], mask)
+        frames = FramePacking(hidden.shape[0], hidden.shape[1], mask, lengths)
         first = hidden  # [B, T, E]: hidden_states[0] keeps transformers' values on padded frames
         hidden = frames.pack(hidden)  # [N, E]
         all_hidden: List[torch.Tensor] = []

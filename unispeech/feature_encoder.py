@@ -15,7 +15,7 @@ from torch import nn
 
 import unispeech_kernels
 from unispeech_kernels.activations import get_activation
-from unispeech_kernels.ops.feature_encoder import receptive_field
+from unispeech_kernels.padding import receptive_field
 
 NORM_EPS = 1e-5  # transformers' conv layers use the nn default eps, not config.layer_norm_eps
 
@@ -59,9 +59,11 @@ class UniSpeechFeatureEncoder(nn.Module):
             p.requires_grad = False
         self._requires_grad = False
 
-    def forward(self, input_values: torch.Tensor, input_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_values: torch.Tensor, input_lengths: Optional[torch.Tensor] = None,
+                host_lengths: Optional[list] = None) -> torch.Tensor:
         """[B, L] audio -> [B, T, C]. input_lengths: real samples per row (batch-invariant group norm,
-        and padded frames left uncomputed: zero or unspecified, see the op; never under torch.compile)."""
+        and padded frames left uncomputed: zero or unspecified, see the op; never under torch.compile);
+        host_lengths: the same on the host, when the caller has read them (no host sync here)."""
         cfg = self.config
         layers = self.conv_layers
         normed = layers if cfg.feat_extract_norm == "layer" else layers[:1]
@@ -70,7 +72,7 @@ class UniSpeechFeatureEncoder(nn.Module):
             list(cfg.conv_stride), cfg.feat_extract_norm, [l.layer_norm.weight for l in normed],
             [l.layer_norm.bias for l in normed], eps=NORM_EPS, activation=cfg.feat_extract_activation,
             input_lengths=input_lengths, batch_invariant=cfg.batch_invariant_group_norm,
-            trim_padding=self.trim_padding and not torch.compiler.is_compiling(),
+            trim_padding=self.trim_padding and not torch.compiler.is_compiling(), host_lengths=host_lengths,
             backend=kernel_backend(cfg, "feature_encoder"))
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from unispeech_kernels.padding import conv_output_length, mask_from_lengths
+
 from .checkpoint import load_pretrained, save_pretrained
 from .configuration import UniSpeechConfig, check_attn_implementation, check_kernel_backend, to_unispeech_config
 from .encoder import UniSpeechEncoder
@@ -88,16 +90,11 @@ class UniSpeechPreTrainedModel(nn.Module):
 
     def _get_feat_extract_output_lengths(self, input_lengths):
         """Frames the conv stack makes from input_lengths samples (int or tensor)."""
-        for k, s in zip(self.config.conv_kernel, self.config.conv_stride):
-            input_lengths = (torch.div(input_lengths - k, s, rounding_mode="floor") + 1
-                             if torch.is_tensor(input_lengths) else (input_lengths - k) // s + 1)
-        return input_lengths
+        return conv_output_length(input_lengths, self.config.conv_kernel, self.config.conv_stride)
 
     def _get_feature_vector_attention_mask(self, feature_vector_length: int, attention_mask: torch.Tensor):
         """Frame mask bool [B, T] (True = real frame) from a sample mask [B, L] (right padding)."""
-        lengths = self._get_feat_extract_output_lengths(attention_mask.sum(-1)).to(torch.long)
-        frames = torch.arange(feature_vector_length, device=attention_mask.device)
-        return frames[None, :] < lengths[:, None]
+        return mask_from_lengths(self._get_feat_extract_output_lengths(attention_mask.sum(-1)), feature_vector_length)
 
     @property
     def base_model(self) -> nn.Module:
@@ -221,19 +218,26 @@ class UniSpeechModel(UniSpeechPreTrainedModel):
         return_dict = cfg.return_dict if return_dict is None else return_dict
         check_input_values(input_values, attention_mask, self.feature_extractor.receptive_field, self.dtype)
 
-        sample_lengths = attention_mask.sum(-1) if attention_mask is not None else None
-        features = self.feature_extractor(input_values, sample_lengths)  # [B, T, C]
-        frame_mask = None
+        # the lengths, once: samples on the device and (the forward's one host sync) on the host, frames
+        # from them; everything below takes them from here
+        sample_lengths = host_samples = host_frames = frame_mask = None
         if attention_mask is not None:
-            frame_mask = self._get_feature_vector_attention_mask(features.shape[1], attention_mask)
+            sample_lengths = attention_mask.sum(-1)
+            if not torch.compiler.is_compiling():
+                host_samples = sample_lengths.tolist()
+        features = self.feature_extractor(input_values, sample_lengths, host_samples)  # [B, T, C]
+        frames = features.shape[1]
+        if attention_mask is not None:
+            frame_mask = mask_from_lengths(self._get_feat_extract_output_lengths(sample_lengths), frames)
         hidden, extract_features = self.feature_projection(features)
         hidden = self._mask_hidden_states(hidden, mask_time_indices, frame_mask)
-        # a mask with no padded frame changes nothing: drop it (keeps attention on its fast path)
         encoder_mask = frame_mask
-        if frame_mask is not None and not torch.compiler.is_compiling() and bool(frame_mask.all()):
-            encoder_mask = None
+        if host_samples is not None:
+            host_frames = [min(max(self._get_feat_extract_output_lengths(n), 0), frames) for n in host_samples]
+            if min(host_frames) == frames:  # no padded frame: drop the mask (attention's fast path)
+                encoder_mask = host_frames = None
         last, hidden_states, attentions = self.encoder(hidden, encoder_mask, output_attentions,
-                                                       output_hidden_states)
+                                                       output_hidden_states, host_frames)
         out = Wav2Vec2BaseModelOutput(last_hidden_state=last, extract_features=extract_features,
                                       hidden_states=hidden_states, attentions=attentions)
         return out if return_dict else out.to_tuple()

@@ -134,7 +134,9 @@ def _value(x: Optional[torch.Tensor]) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m unispeech.pretrain", description="Pre-train a tiny UniSpeech model (the full UniSpeech objective) on local .wav files or synthetic audio.",
+    p = argparse.ArgumentParser(prog="python -m unispeech.pretrain",
+                                description="Pre-train a tiny UniSpeech model (the full UniSpeech objective) on "
+                                            "local .wav files or synthetic audio.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--audio-dir", help="folder of .wav files (unlabeled: no CTC term)")

@@ -44,7 +44,8 @@ class UniSpeechProcessor:
 
     def __init__(self, feature_extractor: UniSpeechFeatureExtractor, tokenizer: UniSpeechCTCTokenizer):
         if not isinstance(feature_extractor, UniSpeechFeatureExtractor):
-            raise TypeError(f"feature_extractor must be a UniSpeechFeatureExtractor, got {type(feature_extractor).__name__}")
+            raise TypeError("feature_extractor must be a UniSpeechFeatureExtractor, got "
+                            f"{type(feature_extractor).__name__}")
         if not isinstance(tokenizer, UniSpeechCTCTokenizer):
             raise TypeError(f"tokenizer must be a UniSpeechCTCTokenizer, got {type(tokenizer).__name__}")
         self.feature_extractor = feature_extractor

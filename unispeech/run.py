@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     audio, mask, lengths = synthetic_batch(args.seconds, args.batch, reference.device, reference.dtype)
     cfg = reference.config
     print(f"model: {source}\n  hidden {cfg.hidden_size} x {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
-          f"heads; device {reference.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"heads; device {reference.device}, {args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     print(f"input: batch {args.batch}, lengths {[round(n / SAMPLE_RATE, 2) for n in lengths]} s (padded), "
           f"median of {args.repeats} runs after a warm-up\n")
     rows, sdpa = run_variants(reference, audio, mask, args)

@@ -124,7 +124,8 @@ class UniSpeechCTCTokenizer:
             self.encoder = dict(vocab)
         bad = [k for k, v in self.encoder.items() if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
-            raise ValueError(f"vocabulary values must be integer ids; bad entries: {bad[:5]} (nested vocab? pass target_lang)")
+            raise ValueError(f"vocabulary values must be integer ids; bad entries: {bad[:5]} "
+                             "(nested vocab? pass target_lang)")
         self.decoder = {v: k for k, v in self.encoder.items()}
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.word_delimiter_token = word_delimiter_token

@@ -3,10 +3,9 @@
 Nothing here imports the extension at package import time. ``cuda_reason(device)`` returns None
 when the extension's kernels can run on ``device``, else why not ("CUDA extension not built", "no
 CUDA device", "extension built for sm_80,sm_90,compute_90, device is sm_75", ...), so the
-dispatcher can list it. The wrappers below are what the op modules register as backend "cuda".
-
-Shapes of first_conv_layer: input_values [B, L] -> [B, T, C], weight [C, 1, K]; see
-unispeech_kernels/ops/first_conv_layer.py and csrc/first_conv_layer.cuh.
+dispatcher can list it. The kernels' limits come from the extension itself (``kernel_limits``,
+``fits_shared_memory``: csrc/first_conv_layer.cuh through csrc/bindings.cpp); the backends that
+run them live beside their ops (ops/first_conv_layer.py).
 """
 from __future__ import annotations
 
@@ -19,14 +18,10 @@ from typing import Optional
 import torch
 
 BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
-FCL_NORM_MODES = {"none": 0, "layer": 1, "group": 2}  # csrc FclNorm
-FCL_MAX_C, FCL_MAX_K, FCL_T_TILE = 1024, 16, 8  # csrc/first_conv_layer.cuh limits
-FCL_SMEM_LIMIT = 48 * 1024
-FCL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(None)
-def _load():
+def load():
     """(module, None) once the extension is imported, or (None, reason)."""
     try:
         module = importlib.import_module("unispeech_kernels._C")
@@ -41,7 +36,7 @@ def _load():
 
 def extension_reason() -> Optional[str]:
     """None if the compiled extension imports, else why not."""
-    return _load()[1]
+    return load()[1]
 
 
 def built_archs() -> Optional[list]:
@@ -94,55 +89,17 @@ def cuda_reason(device=None) -> Optional[str]:
     return _device_reason(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def first_conv_layer_cuda_check(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
-                                eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
-    """Why the CUDA first_conv_layer kernel cannot run these inputs, or None."""
-    if torch.compiler.is_compiling():  # the loader and device probes below are eager-only code
-        return "not selectable under torch.compile (the extension is probed eagerly only)"
-    tensors = [t for t in (input_values, weight, bias, norm_weight, norm_bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "cuda first_conv_layer has no backward"
-    reason = extension_reason()
-    if reason:
-        return reason
-    devices = {t.device for t in tensors}
-    if input_lengths is not None:
-        devices.add(input_lengths.device)
-    if len(devices) != 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    reason = cuda_reason(input_values.device)
-    if reason:
-        return reason
-    if activation != "gelu":
-        return f"cuda first_conv_layer implements only exact gelu, got {activation!r}"
-    if norm_mode not in FCL_NORM_MODES:
-        return f"unknown norm_mode {norm_mode!r}"
-    if input_values.dtype not in FCL_DTYPES or any(t.dtype != input_values.dtype for t in tensors):
-        return f"needs one dtype among {FCL_DTYPES} for all tensors, got {sorted({str(t.dtype) for t in tensors})}"
-    if input_values.dim() != 2 or weight.dim() != 3 or weight.shape[1] != 1:
-        return f"needs input [B, L] and weight [C, 1, K], got {tuple(input_values.shape)}, {tuple(weight.shape)}"
-    c, k = weight.shape[0], weight.shape[2]
-    if not (1 <= c <= FCL_MAX_C and 1 <= k <= FCL_MAX_K):
-        return f"channels {c} > {FCL_MAX_C} or kernel {k} > {FCL_MAX_K} not supported"
-    if not 1 <= stride or 4 * ((FCL_T_TILE - 1) * stride + k + 64 * FCL_T_TILE) > FCL_SMEM_LIMIT:
-        return f"stride {stride} not supported"
-    if input_values.shape[1] < k:
-        return f"input of {input_values.shape[1]} samples is shorter than the kernel ({k})"
-    if input_values.shape[0] > 65535:
-        return f"batch {input_values.shape[0]} > 65535"
-    return None
-
-
-def first_conv_layer_cuda(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
-                          eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
-    """Runs csrc/first_conv_layer.cu (forward only): [B, L] -> [B, T, C] in the input dtype."""
-    module, reason = _load()
+def kernel_limits() -> tuple:
+    """((size name, largest value), ...) the first conv layer's CUDA kernel takes, as the built
+    extension reports them (csrc/first_conv_layer.cuh); () when it is not built."""
+    module, _ = load()
     if module is None:
-        raise RuntimeError(f"first_conv_layer cuda backend unavailable: {reason}")
-    lengths = input_lengths if (norm_mode == "group" and batch_invariant) else None
-    x = input_values if input_values.stride(-1) == 1 else input_values.contiguous()
-    vec = (lambda t: None if t is None else t.contiguous())
-    use_norm = norm_mode != "none"
-    return torch.ops.unispeech_cuda.first_conv_layer(
-        x, weight.contiguous(), vec(bias), int(stride), FCL_NORM_MODES[norm_mode],
-        vec(norm_weight) if use_norm else None, vec(norm_bias) if use_norm else None, float(eps), lengths)
+        return ()
+    channels, kernel, batch = torch.ops.unispeech_cuda.kernel_limits()
+    return ("channels", channels), ("kernel size", kernel), ("batch (a grid axis)", batch)
+
+
+def fits_shared_memory(kernel_size: int, stride: int) -> bool:
+    """Does the CUDA kernel's shared-memory sample tile hold a frame chunk at this kernel size and
+    stride (the extension's own answer)?"""
+    return bool(torch.ops.unispeech_cuda.fits_shared_memory(int(kernel_size), int(stride)))

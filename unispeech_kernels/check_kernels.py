@@ -3,7 +3,8 @@
 (a) every csrc/*.cu compiles with nvcc for sm_80 and sm_90; ptxas -v gives registers, static shared
     memory and local-memory spills per kernel; every CUDA kernel here is a hot kernel, so any spill
     fails. CUDA_HOME defaults to /usr/local/cuda; without nvcc this part prints SKIPPED.
-(b) every Triton kernel listed by ``aot_specs()`` in unispeech_kernels/ops/*.py compiles with
+(b) every Triton kernel listed by ``aot_specs()`` in the registered op modules
+    (``unispeech_kernels.ops.OP_MODULES``) compiles with
     triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) for cc 80 and 90; ptxas -v on
     the generated PTX gives registers and spills, the metadata gives shared memory, and kernels with
     spec["mma"] must contain tensor-core instructions (sm_80: mma.sync; sm_90: wgmma, mma.sync
@@ -22,7 +23,6 @@ import importlib
 import inspect
 import multiprocessing
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
@@ -147,10 +147,11 @@ def check_cuda_sources(archs=ARCHS, csrc=CSRC) -> tuple:
 
 # ---- (b) Triton kernels ---------------------------------------------------------------------------
 def collect_specs(module_names=None) -> list:
-    """[(module name, specs or None)] from unispeech_kernels.ops.* (or the given modules)."""
+    """[(module name, specs or None)] of the registered op modules (or the given modules)."""
     if module_names is None:
-        ops = importlib.import_module("unispeech_kernels.ops")
-        module_names = [f"unispeech_kernels.ops.{m.name}" for m in pkgutil.iter_modules(ops.__path__)]
+        from .ops import OP_MODULES
+
+        module_names = [f"unispeech_kernels.ops.{name}" for name in OP_MODULES]
     out = []
     for name in sorted(module_names):
         module = importlib.import_module(name)
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton checks")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
     parser.add_argument("--specs-from", nargs="+", metavar="MODULE",
-                        help="take aot_specs() from these modules instead of unispeech_kernels.ops.*")
+                        help="take aot_specs() from these modules instead of the registered ops'")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
         # Kernels imported under the interpreter cannot be compiled: start again without it.

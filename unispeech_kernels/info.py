@@ -1,18 +1,18 @@
-"""What this machine can run: ``python -m unispeech_kernels.info``.
+"""What this machine can run: ``python -m unispeech_kernels.info``; what every backend can run:
+``python -m unispeech_kernels.info --matrix`` (``--readme README.md`` writes it into the README).
 
 Prints versions (python, torch, triton, CUDA), the GPU and its compute capability, TRITON_INTERPRET,
-whether the CUDA extension is built and for which architectures, and for each op found in
-unispeech_kernels.ops.* which backend would run a representative UniSpeech-base input here and why
-the others would not (from the dispatcher's own checks, ``Op.select`` / ``Op.last_reasons``).
-Representative inputs (inference, no grad): 2 utterances of 10 s at 16 kHz (160000 samples, 499
-frames), hidden 768, 12 heads of 64, conv feature encoder 512 channels (kernels 10,3,3,3,3,2,2,
-strides 5,2,2,2,2,2,2), positional conv kernel 128 in 16 groups; bf16 on a GPU, fp32 on the CPU.
+whether the CUDA extension is built and for which architectures, and for each registered op
+(``unispeech_kernels.ops.OP_MODULES``) which backend would run a representative UniSpeech-base input here and why
+the others would not (from the dispatcher's own checks, ``Op.select`` / ``Op.reasons``).
+Representative inputs (each op's ``Op.example``; inference, no grad): UniSpeech-base, 2 utterances
+of 10 s at 16 kHz (160000 samples, 499 frames), hidden 768, 12 heads of 64, conv feature encoder
+512 channels, positional conv kernel 128 in 16 groups; bf16 on a GPU, fp32 on the CPU.
 """
 from __future__ import annotations
 
-import importlib
+import argparse
 import os
-import pkgutil
 import platform
 import re
 import subprocess
@@ -21,87 +21,25 @@ import sys
 import torch
 
 from . import _cuda, _runtime
-from .dispatch import BACKEND_NAMES, BackendUnavailableError, Op, env_override
-
-BATCH, SAMPLES, FRAMES, HIDDEN, HEADS, CONV_DIM = 2, 160000, 499, 768, 12, 512
-CONV_KERNELS, CONV_STRIDES = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
-POS_KERNEL, POS_GROUPS = 128, 16
-
-
-def _example_first_conv_layer(device, dtype):
-    e = dict(device=device, dtype=dtype)
-    args = (torch.empty(BATCH, SAMPLES, **e), torch.empty(CONV_DIM, 1, CONV_KERNELS[0], **e), None,
-            CONV_STRIDES[0], "group", torch.empty(CONV_DIM, **e), torch.empty(CONV_DIM, **e))
-    return args, dict(eps=1e-5, activation="gelu")
-
-
-def _example_feature_encoder(device, dtype):
-    e = dict(device=device, dtype=dtype)
-    weights = [torch.empty(CONV_DIM, 1 if i == 0 else CONV_DIM, k, **e) for i, k in enumerate(CONV_KERNELS)]
-    args = (torch.empty(BATCH, SAMPLES, **e), weights, [None] * len(weights), list(CONV_STRIDES), "group",
-            [torch.empty(CONV_DIM, **e)], [torch.empty(CONV_DIM, **e)])
-    return args, dict(eps=1e-5, activation="gelu")
-
-
-def _example_pos_conv(device, dtype):
-    e = dict(device=device, dtype=dtype)
-    args = (torch.empty(BATCH, FRAMES, HIDDEN, **e), torch.empty(HIDDEN, HIDDEN // POS_GROUPS, POS_KERNEL, **e),
-            torch.empty(HIDDEN, **e))
-    return args, dict(groups=POS_GROUPS, activation="gelu")
-
-
-def _example_attention(device, dtype):
-    e = dict(device=device, dtype=dtype)
-    q, k, v = (torch.empty(BATCH, FRAMES, HEADS, HIDDEN // HEADS, **e) for _ in range(3))
-    mask = torch.ones(BATCH, FRAMES, dtype=torch.bool, device=device)
-    mask[1, FRAMES // 2:] = False
-    return (q, k, v, mask), dict(dropout_p=0.0, softmax_scale=None)
-
-
-def _example_attention_packed(device, dtype):
-    e = dict(device=device, dtype=dtype)
-    lengths = [FRAMES, FRAMES // 2]
-    q, k, v = (torch.empty(sum(lengths), HEADS, HIDDEN // HEADS, **e) for _ in range(3))
-    return (q, k, v, lengths), dict(dropout_p=0.0, softmax_scale=None)
-
-
-def _example_forced_align(device, dtype):
-    """CTC log-probs of the two utterances (vocab 32), transcripts of 15 characters per second."""
-    e = dict(device=device)
-    frames, labels = torch.tensor([FRAMES, FRAMES // 2], **e), torch.tensor([150, 75], **e)
-    return (torch.empty(BATCH, FRAMES, 32, dtype=dtype, **e), torch.ones(BATCH, 150, dtype=torch.long, **e), frames,
-            labels, 0, None, -1.0, True), {}
-
-
-EXAMPLES = {"attention": _example_attention, "attention_packed": _example_attention_packed,
-            "feature_encoder": _example_feature_encoder, "forced_align": _example_forced_align,
-            "first_conv_layer": _example_first_conv_layer, "pos_conv": _example_pos_conv}
-
-
-def discover_ops() -> list:
-    """Every ``Op`` defined in unispeech_kernels.ops.*, in module order."""
-    package = importlib.import_module("unispeech_kernels.ops")
-    ops, seen = [], set()
-    for mod in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
-        module = importlib.import_module(f"unispeech_kernels.ops.{mod}")
-        for value in vars(module).values():
-            if isinstance(value, Op) and id(value) not in seen:
-                seen.add(id(value))
-                ops.append(value)
-    return ops
+from .dispatch import BACKEND_NAMES, OPT_IN, BackendUnavailableError, Op, env_override
+from .matrix import support_matrix, write_readme
+from .ops import registered_ops
 
 
 def backend_report(op: Op, device, dtype) -> tuple:
     """(chosen backend or None, {backend: reason or None}) for the op's representative input."""
-    example = EXAMPLES.get(op.name)
-    if example is None:
-        return None, {n: "no representative input known to info.py" for n in BACKEND_NAMES}
-    args, kwargs = example(device, dtype)
+    if op.example_inputs is None:
+        return None, {n: "no representative input declared (Op.example)" for n in BACKEND_NAMES}
+    inputs = op.example_inputs(device, dtype)
     try:
-        chosen = op.select(None, *args, **kwargs).name
+        chosen = op.select(inputs).name
     except BackendUnavailableError:
         chosen = None
-    return chosen, dict(op.last_reasons)
+    reasons = op.reasons(inputs)
+    for name, reason in reasons.items():
+        if reason is None and name != chosen and not op.backends[name].auto:
+            reasons[name] = OPT_IN
+    return chosen, reasons
 
 
 def _nvcc_version() -> str:
@@ -154,7 +92,7 @@ def report() -> str:
     forced = os.environ.get("UNISPEECH_KERNELS_BACKEND")
     if forced:
         lines.append(f"UNISPEECH_KERNELS_BACKEND={forced}")
-    for op in discover_ops():
+    for op in registered_ops():
         chosen, reasons = backend_report(op, device, dtype)
         override = env_override(op.name, op.env_alias)
         lines.append(f"{op.name:<18} -> {chosen or 'NONE'}" + (f" (forced: {override})" if override else ""))
@@ -164,8 +102,21 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(report())
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="What this machine can run, and what every backend can.")
+    parser.add_argument("--matrix", action="store_true", help="print the support matrix of every op's backends "
+                        "(from their declared capabilities) instead of this machine's report")
+    parser.add_argument("--readme", metavar="PATH", help="with --matrix: write it into PATH's support-matrix section")
+    args = parser.parse_args(argv)
+    if args.readme and not args.matrix:
+        parser.error("--readme goes with --matrix")
+    if not args.matrix:
+        print(report())
+    elif args.readme:
+        write_readme(args.readme)
+        print(f"{args.readme}: support matrix written")
+    else:
+        print(support_matrix())
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Framework integrations. Importing this package registers ``attn_implementation="triton"`` with
-transformers when it is installed (a no-op otherwise); see ``integrations/transformers.py``."""
-from .transformers import register_transformers_attention
+"""Framework integrations. Importing this package arranges for ``attn_implementation="triton"`` to be
+registered with transformers whenever transformers' attention and mask interfaces are imported,
+before or after us, without importing transformers itself; see ``integrations/transformers.py``."""
+from .transformers import register_when_imported
 
-register_transformers_attention()
+register_when_imported()

@@ -3,39 +3,35 @@
 Shapes: q, k, v [B, S, H, D] (any strides); key_padding_mask bool [B, S], True = real frame;
 output [B, S, H, D]. Rows whose sequence has no real frame return zeros.
 
-Triton backend: a flash-style forward (online softmax in exp2, fp32 accumulation, log-sum-exp saved)
-and a deterministic bidirectional backward (``attention_bwd.py``). Masks: any bool mask works; the
-kernels load it per key block, and loop only up to ``kv_end`` = last real position + 1 (computed on
-the device, no host sync), so for audio's prefix masks key blocks past a sequence's length are
-skipped and query blocks past it exit early. With PACKED the same kernels read sequences stored back
-to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query rows as zeros:
-gradients through them are zero (the torch backend returns attention over real keys there; both
-are within the contract "any finite value").
+Triton backend (kernels: ``attention_kernels.py``): a flash-style forward (online softmax in exp2,
+fp32 accumulation, log-sum-exp saved) and a deterministic bidirectional backward. Masks: any bool
+mask works; the kernels load it per key block, and loop only up to ``kv_end`` = last real position +
+1 (computed on the device, no host sync), so for audio's prefix masks key blocks past a sequence's
+length are skipped and query blocks past it exit early. With PACKED the same kernels read sequences
+stored back to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query
+rows as zeros: gradients through them are zero (the torch backend returns attention over real keys
+there; both are within the contract "any finite value").
 Dropout: a uniform per (batch*head, query, key), one Philox draw (four uniforms) per four consecutive
 keys of a query, from a seed drawn on the device with torch's generator (``torch.manual_seed``
 reproduces it), saved for the backward, which regenerates the mask.
 
-File order: torch reference -> Triton kernels -> launchers -> torch.library ops + autograd ->
-backends -> functional entry point -> ``aot_specs``.
+File order: torch reference -> contract (inputs, checks) -> launchers -> torch.library ops + autograd
+-> backends -> functional entry point -> ``aot_specs``.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .._runtime import interpret_upcast_bf16, triton_device_reason
-from ..dispatch import Op
-from ._triton_helpers import autotuned, launch_tuned
-from .attention_bwd import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INTERPRET_TILES, SM90_SMEM, _attn_bwd_dkdv_kernel,
-                            _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _device_smem, _dropout_keep,
-                            _dropout_mask_kernel, _head_dim_mask, _sequence_extent, attn_bwd, dot_precision,
-                            prune_by_budget, strides)
+from .._runtime import SM90_SHARED_MEMORY, dot_flags
+from ..dispatch import Inputs, Op
+from ..padding import prefix_lengths
+from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2
 
 MAX_HEAD_DIM = 256
 
@@ -59,6 +55,7 @@ def attention_reference(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softma
         probs = F.dropout(probs, p=dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out if upcast else out.to(dtype)
+
 
 
 def check_qkv(q, k, v, dims: tuple, op: str = "attention"):
@@ -108,127 +105,56 @@ def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     check_dropout_and_scale(dropout_p, softmax_scale)
 
 
+class AttentionCall(Inputs):
+    """What both attention ops' inputs share: q, dropout_p, softmax_scale."""
 
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V,  # [B, S, H, D] inputs, any strides
-    Out,  # [B, S, H, D] contiguous out; padded query rows get zeros
-    Lse,  # [B, H, S] fp32 out: log2-sum-exp2 of the scaled scores per row, +inf on padded rows
-    Mask,  # [B, S] uint8 key-padding mask (1 = real); unused unless HAS_MASK
-    KvEnd,  # [B] int32 last real position + 1 (the loop bound; packed: the length); unused unless HAS_MASK or PACKED
-    SeqStart,  # [B] int32 packed row where sequence b starts; unused unless PACKED
-    Seed,  # [1] int64 dropout seed on the device; unused unless HAS_DROPOUT
-    stride_qb, stride_qs, stride_qh, stride_qd,  # strides of Q (packed: batch stride 0)
-    stride_kb, stride_ks, stride_kh, stride_kd,  # strides of K
-    stride_vb, stride_vs, stride_vh, stride_vd,  # strides of V
-    stride_ob, stride_os, stride_oh, stride_od,  # strides of Out
-    stride_mb, stride_ms,  # strides of Mask
-    H, S,  # heads, sequence length (runtime: no recompile per length)
-    qk_scale,  # softmax_scale * log2(e)
-    dropout_p,  # drop probability
-    S_BUCKET,  # next_power_of_2(S): autotune key only
-    HEAD_DIM: tl.constexpr,  # real head_dim
-    BLOCK_D: tl.constexpr,  # next_power_of_2(HEAD_DIM), >= 16
-    BLOCK_M: tl.constexpr,  # query rows per program
-    BLOCK_N: tl.constexpr,  # keys per inner step
-    HAS_MASK: tl.constexpr,  # a key-padding mask is given
-    PACKED: tl.constexpr,  # sequences back to back in [N, H, D] rows (SeqStart, lengths in KvEnd)
-    HAS_DROPOUT: tl.constexpr,  # dropout_p > 0
-    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
-    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
-):
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    start_m = tl.program_id(0) * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
-    kv_end, n_rows, row0 = _sequence_extent(KvEnd, SeqStart, b, S, HAS_MASK, PACKED)
-    o_rows = Out + b * stride_ob + h * stride_oh + row0 * stride_os  # row 0 of this sequence and head
-    lse_ptrs = Lse + bh.to(tl.int64) * S + rows
-    if start_m >= kv_end:  # the whole query block is padding: zeros, no work
-        o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok)
-        tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=rows < S)
-        return
-    row_ok = rows < kv_end
-    q_rows = Q + b * stride_qb + h * stride_qh + row0 * stride_qs  # row 0 of this sequence and head
-    q = tl.load(q_rows + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    if HAS_MASK:
-        row_ok = row_ok & (tl.load(Mask + b * stride_mb + rows * stride_ms, mask=row_ok, other=0) != 0)
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-        keep_scale = 1.0 / (1.0 - dropout_p)
-    k_base = K + b * stride_kb + h * stride_kh + row0 * stride_ks + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + row0 * stride_vs + offs_d[None, :] * stride_vd
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, kv_end, BLOCK_N):  # key blocks past kv_end are skipped
-        cols = start_n + offs_n
-        col_ok = cols < kv_end
-        k = tl.load(k_base + cols[:, None] * stride_ks, mask=col_ok[:, None] & d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        if HAS_MASK:
-            col_ok = col_ok & (tl.load(Mask + b * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled: the scale is folded in below
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max in the scaled log2 domain
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: no NaN
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])  # one FMA per score, not a multiply and a subtract
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, S, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p * keep_scale, 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs, mask=col_ok[:, None] & d_ok, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    row_ok = row_ok & (l_i > 0.0)
-    l_safe = tl.where(row_ok, l_i, 1.0)
-    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od  # after the loop: not live in it
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok)
-    tl.store(lse_ptrs, tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf")), mask=rows < S)
+    @property
+    def features(self):
+        return frozenset(name for name, needed in (("dropout", self.dropout_p > 0.0), ("training", self.needs_grad))
+                         if needed)
+
+    @property
+    def scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.q.shape[-1])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): H100-oriented, pruned per head_dim / device / length.
-# (128, 128, 8, 3): no spills in any variant on triton 3.6 and 3.9 (packed rows ~180 registers on
-# sm_90a, a padded batch with a mask 255); the budget prunes it under dropout. Not kept (AOT,
-# head_dim 64 bf16): (128, 128, 8, 2) and (64, 64, 4, 3) spill on sm_80 in some variants.
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 4), (64, 32, 4, 2),
-                         (32, 32, 4, 2)]
-]
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs(AttentionCall):
+    q: torch.Tensor  # [B, S, H, D]
+    k: torch.Tensor
+    v: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor] = None  # bool [B, S], True = real frame
+    dropout_p: float = 0.0
+    softmax_scale: Optional[float] = None  # None: 1 / sqrt(D)
+
+    @property
+    def tensors(self):
+        return self.q, self.k, self.v, self.key_padding_mask
+
+    @property
+    def float_tensors(self):
+        return self.q, self.k, self.v
+
+    @property
+    def sizes(self):
+        B, S, H, D = self.q.shape
+        return {"head_dim": D, "batch*heads (a grid axis)": B * H, "seq": S}
 
 
-def _fwd_prune(configs, named_args, **kwargs):
-    q = named_args["Q"]
-    return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, n_score=1, block_d=kwargs["BLOCK_D"],
-                           elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
-                           max_smem=_device_smem(q.device.index), dropout=kwargs["HAS_DROPOUT"])
+FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
 
 
-_fwd_tuned = autotuned("attention_fwd", FWD_CONFIGS, ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"],
-                       _fwd_prune)(_attn_fwd_kernel)
+# ----------------------------------------------------------------------------------------- launchers
+
+def _kernels():
+    from . import attention_kernels
+
+    return attention_kernels
 
 
-def prefix_lengths(mask: torch.Tensor) -> Optional[List[int]]:
-    """Host lengths of a bool [B, S] mask if every row is a prefix of real frames (audio padding),
-    else None; one host sync."""
-    lengths = mask.sum(1)
-    prefix = (mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()
-    *host, prefix = torch.cat([lengths, prefix[None].long()]).tolist()
-    return host if prefix else None
+def draw_dropout_seed(device) -> torch.Tensor:
+    """[1] int64 seed from torch's generator of ``device`` (what the op uses; tests redraw it)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
 def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -237,9 +163,14 @@ def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, pos, 0).amax(dim=1).to(torch.int32)
 
 
-def draw_dropout_seed(device) -> torch.Tensor:
-    """[1] int64 seed from torch's generator of ``device`` (what the op uses; tests redraw it)."""
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+def strides(t):
+    """A tensor's strides as the kernels take them; packed [N, H, D] rows get the batch stride 0 of
+    [B, S, H, D] (the kernels find a sequence's rows from seq_start_ptr)."""
+    return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
 
 
 def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float, seq_start=None,
@@ -247,6 +178,7 @@ def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: fl
     """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). Packed
     (``seq_start`` [B] int32 first rows, ``kv_end`` the lengths): q, k, v and out are [N, H, D] rows
     and S = ``max_len``."""
+    kern = _kernels()
     packed = seq_start is not None
     (B, S), (H, D) = ((seq_start.numel(), max_len) if packed else q.shape[:2]), q.shape[-2:]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -256,12 +188,55 @@ def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: fl
             seq_start if packed else lse, seed,
             *strides(q), *strides(k), *strides(v), *strides(out),
             *(strides(mask_u8) if has_mask else (0, 0)),
-            H, S, softmax_scale * 1.4426950408889634, float(dropout_p), triton.next_power_of_2(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask, PACKED=packed,
-                 HAS_DROPOUT=dropout_p > 0.0, UPCAST=interpret_upcast_bf16(q.dtype), DOT_PREC=dot_precision(q.dtype))
-    launch_tuned(_fwd_tuned, lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
-                 interpret=INTERPRET_TILES)
+            H, S, softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
+                 **dot_flags(q.dtype))
+    launch_tuned(kern._fwd_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
+                 interpret=kern.INTERPRET_TILES)
     return out, lse
+
+
+def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float,
+             seq_start=None):
+    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` are None without a padding mask.
+    Packed (``seq_start`` given, ``kv_end`` the lengths): every tensor is [N, H, D] rows, S = lse's."""
+    kern = _kernels()
+    B, H, S = lse.shape
+    D = q.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    packed = seq_start is not None
+    kern._attn_bwd_preprocess_kernel[(cdiv(S, kern.PREPROCESS_BLOCK_M), B * H)](
+        out, dout, delta, kv_end if packed else delta, seq_start if packed else delta, *strides(out),
+        *strides(dout), H, S, HEAD_DIM=D, BLOCK_M=kern.PREPROCESS_BLOCK_M, BLOCK_D=_block_d(D), PACKED=packed)
+    has_mask = mask_u8 is not None
+    mask_arg = mask_u8 if has_mask else delta
+    mask_strides = strides(mask_u8) if has_mask else (0, 0)
+    kv_arg = kv_end if kv_end is not None else delta
+    start_arg = seq_start if packed else delta
+    common = (*strides(q), *strides(k), *strides(v), *strides(dout))
+    scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p), length_bucket(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
+                 **dot_flags(q.dtype))
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dk),
+                 *mask_strides, *scalars)
+    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dq),
+               *mask_strides, *scalars)
+    launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), *dkdv_args, **flags,
+                 interpret=kern.INTERPRET_TILES)
+    launch_tuned(kern._dq_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *dq_args, **flags,
+                 interpret=kern.INTERPRET_TILES)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, dropout_p: float):
+    """Debug/test helper: the bool keep-mask [B, H, S, S] the kernels use for ``seed`` ([1] int64)."""
+    keep = torch.empty((batch * heads, seq, seq), dtype=torch.uint8, device=seed.device)
+    grid = (cdiv(seq, 64), cdiv(seq, 64), batch * heads)
+    _kernels()._dropout_mask_kernel[grid](keep, seed, seq, float(dropout_p), BLOCK=64)
+    return keep.view(batch, heads, seq, seq).bool()
 
 
 def _mask_args(key_padding_mask):
@@ -320,11 +295,9 @@ def _backward(ctx, dout, _dlse, _dseed):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-attention_op = Op("attention")
+# ------------------------------------------------------------------------------------------ backends
 
-
-def _torch_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
-    return None  # runs everything that passed check_attention_inputs
+attention_op = Op("attention", features=FEATURES)
 
 
 def sdpa_unmasked(q, k, v, dropout_p, softmax_scale):
@@ -333,11 +306,13 @@ def sdpa_unmasked(q, k, v, dropout_p, softmax_scale):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale).transpose(1, 2)
 
 
-@attention_op.register("torch", check=_torch_check)
-def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
+@attention_op.backend("torch", features=tuple(FEATURES))
+def attention_torch(inputs: AttentionInputs):
     """torch SDPA. A prefix mask (audio padding) runs SDPA per sequence on its real frames, with no
     mask (SDPA's fast path, no padded work; padded query rows are zero); any other mask goes to
     SDPA as a boolean mask. Fully padded sequences give zeros."""
+    q, k, v, key_padding_mask = inputs.tensors
+    dropout_p, softmax_scale = inputs.dropout_p, inputs.softmax_scale
     if key_padding_mask is not None and not torch.compiler.is_compiling():
         lengths = prefix_lengths(key_padding_mask)  # one host sync
         if lengths is not None:
@@ -360,109 +335,91 @@ def attention_torch(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_sc
     return out
 
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+def _empty_sequence(inputs):
+    """A sequence axis of at least one frame."""
+    return ["empty sequence axis"] if inputs.sizes["seq"] == 0 else []
 
 
-def triton_attention_reason(tensors, dtype, head_dim: int, batch_heads: int, seq: int) -> Optional[str]:
-    """Why the Triton kernels cannot run (None if they can): device, dtype, head_dim, grid size."""
-    reason = triton_device_reason(*tensors)
-    if reason:
-        return reason
-    if dtype not in _TRITON_DTYPES:
-        return f"dtype {dtype} not in {_TRITON_DTYPES}"
-    if head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
-    if batch_heads > 65535:
-        return f"batch*heads {batch_heads} > 65535 (grid axis limit)"
-    if seq == 0:
-        return "empty sequence axis"
-    return None
+# what the Triton kernels take, for this op and its packed variant
+TRITON_CAPABILITIES = dict(runtime="triton", dtypes=KERNEL_DTYPES, features=tuple(FEATURES),
+                           limits=(("head_dim", MAX_HEAD_DIM), ("batch*heads (a grid axis)", 65535)),
+                           not_supported_reasons=_empty_sequence)
 
 
-def _triton_check(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
-    B, S, H, D = q.shape
-    return triton_attention_reason((q, k, v, key_padding_mask), q.dtype, D, B * H, S)
-
-
-@attention_op.register("triton", check=_triton_check)
-def attention_triton(q, k, v, key_padding_mask=None, *, dropout_p=0.0, softmax_scale=None):
+@attention_op.backend("triton", **TRITON_CAPABILITIES)
+def attention_triton(inputs: AttentionInputs):
     """Flash-style Triton kernels; padded query rows return zeros."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return attention_fwd_op(q, k, v, key_padding_mask, float(dropout_p), float(scale))[0]
+    return attention_fwd_op(inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, float(inputs.dropout_p),
+                            float(inputs.scale))[0]
 
 
 def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
-              softmax_scale: Optional[float] = None, backend: Optional[str] = None):
-    """Masked bidirectional attention; see the module docstring for shapes."""
+              softmax_scale: Optional[float] = None, backend: Optional[str] = None, fallback: bool = False):
+    """Masked bidirectional attention; see the module docstring for shapes. ``backend`` forces one
+    (None: the dispatcher picks); with ``fallback=True`` a forced backend that cannot run the input
+    warns once, naming the reason, and the dispatcher picks instead of raising."""
     check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
-    return attention_op(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                        backend=backend)
+    return attention_op(AttentionInputs(q, k, v, key_padding_mask, dropout_p, softmax_scale), backend, fallback)
 
+
+@attention_op.example
+def _example(device, dtype):
+    """UniSpeech-base: 2 utterances of 499 frames (one half padded), 12 heads of 64."""
+    q, k, v = (torch.empty(2, 499, 12, 64, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 499, dtype=torch.bool, device=device)
+    mask[1, 250:] = False
+    return AttentionInputs(q, k, v, mask)
+
+
+# ---------------------------------------------------------------------------------------- aot specs
 
 # UniSpeech base and large both have head_dim 64; fp16 compiles to the same tiles as bf16
 _AOT_DTYPES = {torch.bfloat16: "bf16"}
 _AOT_HEAD_DIMS = (64,)
 _AOT_SEQ = 1024  # bucketed length of UniSpeech's 10-20 s utterances (499-999 frames)
-_POINTER_TYPES = {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "Keep": "*u8", "KvEnd": "*i32", "SeqStart": "*i32",
-                  "Seed": "*i64"}
+_POINTER_TYPES = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "mask_ptr": "*u8", "keep_ptr": "*u8",
+                  "kv_end_ptr": "*i32", "seq_start_ptr": "*i32", "seed_ptr": "*i64"}
 _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
-_INT_ARGS = ("H", "S", "S_BUCKET")
-
-
-def _aot_signature(fn, elem: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _POINTER_TYPES:
-            sig[name] = _POINTER_TYPES[name]
-        elif name in _FLOAT_ARGS:
-            sig[name] = "fp32"
-        elif name in _INT_ARGS or name.startswith("stride_"):
-            sig[name] = "i32"
-        else:
-            sig[name] = "*" + elem
-    return sig
 
 
 def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
-    # the last dim is contiguous at real shapes: Triton specialises those strides to the constant 1
+    """The kernels' argument types follow their names; the last dim is contiguous at real shapes
+    (Triton specialises those strides to the constant 1), and at model shapes (D 64/80/128, H 16)
+    pointers are 16-aligned and the other strides, H and S_BUCKET divisible by 16. Without these
+    hints loads compile unvectorised and unpipelined."""
     constexprs = {**{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}, **constexprs}
-    sig = _aot_signature(fn, elem, constexprs)
-    # what the JIT's specialisation sees at model shapes (D 64/80/128, H 16): 16-aligned pointers and
-    # strides divisible by 16. Without these hints loads compile unvectorised and unpipelined.
-    divisible = [a for a in fn.arg_names
-                 if sig[a].startswith("*") or (sig[a] == "i32" and (a.startswith("stride_") or a in ("H", "S_BUCKET")))]
-    return {"name": name, "fn": fn, "signature": sig, "constexprs": constexprs, "divisible_by_16": divisible,
-            "num_warps": num_warps, "num_stages": num_stages, "mma": mma}
+    types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET")
+                                   or a.startswith("stride_") else "*" + elem) for a in fn.arg_names}
+    divisible = [a for a in fn.arg_names if a not in constexprs and (a.startswith("stride_") or a in ("H", "S_BUCKET"))]
+    return aot_spec(name, fn, types, constexprs, num_warps, num_stages, mma, divisible)
 
 
 def aot_specs():
     """Every kernel config shipped for UniSpeech shapes (B 8, H 16, D 64, bf16), as an sm_90 device
     keeps after pruning (padded with a mask and packed rows, with and without dropout), for
     ahead-of-time compile checks. Other head dims and fp16 are covered by the interpreter tests."""
+    kern = _kernels()
     specs = []
-    tuned = (("fwd", _attn_fwd_kernel, FWD_CONFIGS, "BLOCK_M", 1, 1),
-             ("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2),
-             ("bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, "BLOCK_M", 1, 2))
+    tuned = (("fwd", kern._attn_fwd_kernel, kern.FWD_CONFIGS, "BLOCK_M", 1, 1),
+             ("bwd_dkdv", kern._attn_bwd_dkdv_kernel, kern.BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2),
+             ("bwd_dq", kern._attn_bwd_dq_kernel, kern.BWD_DQ_CONFIGS, "BLOCK_M", 1, 2))
     for dtype, elem in _AOT_DTYPES.items():
         for d in _AOT_HEAD_DIMS:
-            block_d = max(16, triton.next_power_of_2(d))
             for kname, fn, configs, resident, n_acc, n_score in tuned:
                 for dropout in (False, True):
-                    kept = prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
-                                           block_d=block_d, elem_size=torch.finfo(dtype).bits // 8, s_bucket=_AOT_SEQ,
-                                           max_smem=SM90_SMEM, dropout=dropout)
+                    kept = kern.prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
+                                                block_d=_block_d(d), elem_size=torch.finfo(dtype).bits // 8,
+                                                s_bucket=_AOT_SEQ, max_smem=SM90_SHARED_MEMORY, dropout=dropout)
                     # padded batches with a mask (transformers' models) and packed rows (ours)
                     for packed, c in itertools.product((False, True), kept):
-                        flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=not packed, PACKED=packed,
-                                     HAS_DROPOUT=dropout, UPCAST=False, DOT_PREC=dot_precision(dtype), **c.kwargs)
+                        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_MASK=not packed, PACKED=packed,
+                                     HAS_DROPOUT=dropout, UPCAST=False, DOT_PREC="tf32", **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
                               f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + "_packed" * packed
                         specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
             for packed in (False, True):
                 specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}" + "_packed" * packed,
-                                       _attn_bwd_preprocess_kernel, elem,
-                                       dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d, PACKED=packed), 4, 1, False))
-    specs.append(_aot_spec("attn_dropout_mask", _dropout_mask_kernel, "u8", dict(BLOCK=64), 4, 1, False))
+                                       kern._attn_bwd_preprocess_kernel, elem,
+                                       dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_D=_block_d(d), PACKED=packed), 4, 1, False))
+    specs.append(_aot_spec("attn_dropout_mask", kern._dropout_mask_kernel, "u8", dict(BLOCK=64), 4, 1, False))
     return specs

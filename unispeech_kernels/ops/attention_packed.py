@@ -6,35 +6,66 @@ is real, so nothing is padded, masked or scattered: the padded-batch op (``atten
 [B, S, H, D] plus a key-padding mask computes the same values on real rows, at the cost of copying
 the packed rows into a zeroed [B, S, ...] buffer and back.
 
-Backends: "triton", the masked-attention kernels of ``attention.py`` / ``attention_bwd.py`` with
-PACKED=True (sequence b's rows start at SeqStart[b]; its length is the loop bound; dropout draws the
-same (batch*head, query, key) counters as the padded op with S = max(lengths)); "torch", SDPA per
-sequence on its rows.
+A variant of ``attention`` with no kernels of its own. Backends: "triton", attention's kernels with
+PACKED=True (sequence b's rows start at seq_start_ptr[b]; its length is the loop bound; dropout
+draws the same (batch*head, query, key) counters as the padded op with S = max(lengths)); "torch",
+SDPA per sequence on its rows.
+
+File order: contract (inputs, checks) -> launch tables -> torch.library ops + autograd -> backends
+-> functional entry point.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import itertools
-import math
 import operator
 from typing import Optional, Sequence
 
 import torch
 
 from ..dispatch import Op
-from .attention import (attn_fwd, check_dropout_and_scale, check_qkv, draw_dropout_seed, sdpa_unmasked,
-                        triton_attention_reason)
-from .attention_bwd import attn_bwd
+from ..padding import host_to_device, sequence_starts
+from .attention import (FEATURES, TRITON_CAPABILITIES, AttentionCall, attn_bwd, attn_fwd, check_dropout_and_scale,
+                        check_qkv, draw_dropout_seed, sdpa_unmasked)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedAttentionInputs(AttentionCall):
+    q: torch.Tensor  # [N, H, D]
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: tuple  # host ints summing to N
+    dropout_p: float = 0.0
+    softmax_scale: Optional[float] = None
+
+    @property
+    def tensors(self):
+        return self.q, self.k, self.v
+
+    @property
+    def sizes(self):
+        return {"head_dim": self.q.shape[-1], "batch*heads (a grid axis)": len(self.lengths) * self.q.shape[1],
+                "seq": max(self.lengths, default=0)}
+
+
+def check_packed_inputs(q, k, v, lengths, dropout_p, softmax_scale) -> list:
+    """The lengths as a list of ints, after checking every argument."""
+    check_qkv(q, k, v, ("rows", "heads", "head_dim"), "attention_packed")
+    try:
+        lengths = [operator.index(n) for n in lengths]
+    except TypeError:
+        raise TypeError(f"attention_packed: lengths must be integers, got {list(lengths)}") from None
+    if sum(lengths) != q.shape[0] or any(n < 0 for n in lengths):
+        raise ValueError(f"attention_packed: lengths {lengths} must be >= 0 and sum to the {q.shape[0]} rows")
+    check_dropout_and_scale(dropout_p, softmax_scale, "attention_packed")
+    return lengths
 
 
 @functools.lru_cache(maxsize=16)
 def _sequence_table(lengths: tuple, device: torch.device):
     """(starts, lengths) as [B] int32 on ``device``, copied once per distinct lengths (every layer
-    of a forward reuses them) and without a host sync (pinned, non-blocking)."""
-    table = torch.tensor([*itertools.accumulate(lengths, initial=0)][:-1] + list(lengths), dtype=torch.int32)
-    if device.type == "cuda":
-        table = table.pin_memory()
-    table = table.to(device, non_blocking=True)
+    of a forward reuses them) and without a host sync."""
+    table = host_to_device(torch.tensor(sequence_starts(lengths) + list(lengths), dtype=torch.int32), device)
     return table[:len(lengths)], table[len(lengths):]
 
 
@@ -90,17 +121,15 @@ attention_packed_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 
 
 # a variant of "attention": UNISPEECH_KERNELS_BACKEND=attention=... switches both
-attention_packed_op = Op("attention_packed", env_alias="attention")
+attention_packed_op = Op("attention_packed", features=FEATURES, env_alias="attention")
 
 
-def _torch_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
-    return None  # runs everything that passed the input checks
-
-
-@attention_packed_op.register("torch", check=_torch_check)
-def attention_packed_torch(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+@attention_packed_op.backend("torch", features=tuple(FEATURES))
+def attention_packed_torch(inputs: PackedAttentionInputs):
     """SDPA without a mask (its fast path): one batched call when every length is the same (the rows
     are then a [B, n, H, D] view), else one call per sequence."""
+    q, k, v = inputs.tensors
+    lengths, dropout_p, softmax_scale = list(inputs.lengths), inputs.dropout_p, inputs.softmax_scale
     if len(set(lengths)) == 1 and lengths[0] > 0:
         shape = (len(lengths), lengths[0], *q.shape[1:])
         return sdpa_unmasked(*(t.view(shape) for t in (q, k, v)), dropout_p, softmax_scale).reshape(q.shape)
@@ -109,31 +138,26 @@ def attention_packed_torch(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=Non
     return torch.cat(parts) if parts else q.clone()
 
 
-def _triton_check(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
-    return triton_attention_reason((q, k, v), q.dtype, q.shape[-1], len(lengths) * q.shape[1],
-                                   max(lengths) if lengths else 0)
-
-
-@attention_packed_op.register("triton", check=_triton_check)
-def attention_packed_triton(q, k, v, lengths, *, dropout_p=0.0, softmax_scale=None):
+@attention_packed_op.backend("triton", **TRITON_CAPABILITIES)
+def attention_packed_triton(inputs: PackedAttentionInputs):
     """The flash-style Triton kernels on packed rows."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return attention_packed_fwd_op(q, k, v, list(lengths), float(dropout_p), float(scale))[0]
+    return attention_packed_fwd_op(inputs.q, inputs.k, inputs.v, list(inputs.lengths), float(inputs.dropout_p),
+                                   float(inputs.scale))[0]
 
 
 def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,
-                     softmax_scale: Optional[float] = None, backend: Optional[str] = None):
+                     softmax_scale: Optional[float] = None, backend: Optional[str] = None, fallback: bool = False):
     """Bidirectional attention within each of the sequences stored back to back in q, k, v [N, H, D];
     ``lengths`` their host lengths (sum N). Returns [N, H, D]; differentiable in q, k, v. Under
     torch.compile the lengths are constants of the graph (a new list recompiles); the model layer
-    packs only in eager mode."""
-    check_qkv(q, k, v, ("rows", "heads", "head_dim"), "attention_packed")
-    try:
-        lengths = [operator.index(n) for n in lengths]
-    except TypeError:
-        raise TypeError(f"attention_packed: lengths must be integers, got {list(lengths)}") from None
-    if sum(lengths) != q.shape[0] or any(n < 0 for n in lengths):
-        raise ValueError(f"attention_packed: lengths {lengths} must be >= 0 and sum to the {q.shape[0]} rows")
-    check_dropout_and_scale(dropout_p, softmax_scale, "attention_packed")
-    return attention_packed_op(q, k, v, lengths, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                               backend=backend)
+    packs only in eager mode. ``backend`` / ``fallback``: as for ``attention``."""
+    lengths = check_packed_inputs(q, k, v, lengths, dropout_p, softmax_scale)
+    inputs = PackedAttentionInputs(q, k, v, tuple(lengths), dropout_p, softmax_scale)
+    return attention_packed_op(inputs, backend, fallback)
+
+
+@attention_packed_op.example
+def _example(device, dtype):
+    """UniSpeech-base: utterances of 499 and 249 frames packed, 12 heads of 64."""
+    q, k, v = (torch.empty(748, 12, 64, device=device, dtype=dtype) for _ in range(3))
+    return PackedAttentionInputs(q, k, v, (499, 249))

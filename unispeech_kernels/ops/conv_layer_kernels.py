@@ -1,6 +1,6 @@
 """Triton kernels of a channels-last strided Conv1d layer (layers 1..N of the feature encoder) as
 implicit GEMMs on tensor cores, forward with a fused bias + LayerNorm + GELU epilogue, and the
-backward (norm/GELU backward, dX, dW). Launchers, autograd and torch.library ops: conv_layer.py.
+backward (norm/GELU backward, dX, dW), with their autotune configs. Host side: conv_layer.py.
 
 Shapes: x [B, T_in, C_in] (any strides); weight reorganised once per call to w [K * C_in, C_out]
 (row k * C_in + ci holds W[:, ci, k]); rows of the output m = b * T_out + t; out / y / dy
@@ -14,23 +14,13 @@ Shapes: x [B, T_in, C_in] (any strides); weight reorganised once per call to w [
 import triton
 import triton.language as tl
 
-from ._triton_helpers import gelu, gelu_grad, to_out
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; IEEE: exact fp32 (no TF32); UPCAST: bf16 -> fp32 first."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+from ._common import autotuned, next_power_of_2
+from ._common_kernels import dot, gelu, gelu_grad, layer_norm_gelu_bwd, to_out
 
 
 @triton.jit
 def _conv_gemm_tile(x_rows, m_mask, w_ptr, n, n_mask, C_in, C_out, stride_xt, stride_xc,
-                    KSIZE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    KSIZE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] conv tile: one flattened (tap, input-channel block) loop, pipelined."""
     rk = tl.arange(0, BLOCK_K)
@@ -44,7 +34,7 @@ def _conv_gemm_tile(x_rows, m_mask, w_ptr, n, n_mask, C_in, C_out, stride_xt, st
                     mask=m_mask[:, None] & ci_mask[None, :], other=0.0)
         w = tl.load(w_ptr + (k * C_in + ci)[:, None] * C_out + n[None, :],
                     mask=ci_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _dot(a, w, acc, IEEE, UPCAST)
+        acc = dot(a, w, acc, DOT_PREC, UPCAST)
     return acc
 
 
@@ -68,8 +58,8 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr,  # conv has a bias
     NORM: tl.constexpr,  # LayerNorm over channels: a program owns all C_out channels of its rows
     SAVE: tl.constexpr,  # write y (and mean, rstd) for the backward
-    IEEE: tl.constexpr,  # fp32 operands: exact fp32 products
-    UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands upcast to fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile sizes
 ):
     # 1-D grid (no 65535 cap on the rows): the N tiles of the same rows are consecutive programs, so
@@ -85,7 +75,7 @@ def _conv_fwd_kernel(
         n = pid_n * BLOCK_N + rn
         n_mask = n < C_out
         acc = _conv_gemm_tile(x_rows, m_mask, w_ptr, n, n_mask, C_in, C_out, stride_xt, stride_xc, KSIZE,
-                              IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                              DOT_PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         offs = rm.to(tl.int64)[:, None] * C_out + n[None, :]
@@ -102,7 +92,7 @@ def _conv_fwd_kernel(
             n = n0 + rn
             n_mask = n < C_out
             acc = _conv_gemm_tile(x_rows, m_mask, w_ptr, n, n_mask, C_in, C_out, stride_xt, stride_xc,
-                                  KSIZE, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                                  KSIZE, DOT_PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rm.to(tl.int64)[:, None] * C_out + n[None, :], to_out(acc, y_ptr),
@@ -169,11 +159,7 @@ def _norm_act_bwd_kernel(
             mean = tl.load(mean_ptr + rm, mask=m_mask, other=0.0)
             rstd = tl.load(rstd_ptr + rm, mask=m_mask, other=0.0)
             xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-            dz = do * gelu_grad(xhat * g[None, :] + beta[None, :])
-            gdz = dz * g[None, :]
-            c1 = tl.sum(gdz, axis=1) / C
-            c2 = tl.sum(gdz * xhat, axis=1) / C
-            dy = (gdz - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+            dy, dz = layer_norm_gelu_bwd(do, xhat, rstd, g, beta, C)
             acc_dg += tl.sum(dz * xhat, axis=0)
             acc_dbeta += tl.sum(dz, axis=0)
         else:
@@ -196,8 +182,8 @@ def _conv_bwd_dx_kernel(
     stride,  # conv stride
     M_BUCKET,  # autotune key only: B * J rounded up to a power of two
     KSIZE: tl.constexpr,  # conv kernel size
-    IEEE: tl.constexpr,  # fp32 operands: exact fp32 products
-    UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands upcast to fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile sizes
 ):
     n_tiles = tl.cdiv(C_in, BLOCK_N)  # axis 0: N tiles x row tiles, N fastest (no 65535 cap on rows)
@@ -223,7 +209,7 @@ def _conv_bwd_dx_kernel(
                     mask=a_mask[:, None] & co_mask[None, :], other=0.0)
         w = tl.load(w_ptr + ((phase + i * stride) * C_in + ci)[None, :] * C_out + co[:, None],
                     mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
-        acc = _dot(a, w, acc, IEEE, UPCAST)
+        acc = dot(a, w, acc, DOT_PREC, UPCAST)
     out = dx_ptr + (bi.to(tl.int64) * T_in + t_in)[:, None] * C_in + ci[None, :]
     tl.store(out, to_out(acc, dx_ptr), mask=row_mask[:, None] & ci_mask[None, :])
 
@@ -239,8 +225,8 @@ def _conv_bwd_dw_kernel(
     m_per_split,  # rows m reduced by one split, a multiple of BLOCK_K
     M_BUCKET,  # autotune key only: m_per_split rounded up to a power of two
     KSIZE: tl.constexpr,  # conv kernel size
-    IEEE: tl.constexpr,  # fp32 operands: exact fp32 products
-    UPCAST: tl.constexpr,  # interpreter only: bf16 dot operands upcast to fp32
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision ("ieee" keeps fp32 inputs exact)
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot operands in fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile sizes
 ):
     co = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,6 +248,43 @@ def _conv_bwd_dw_kernel(
                     other=0.0)
         d = tl.load(dy_ptr + mk.to(tl.int64)[:, None] * C_out + co[None, :],
                     mask=mk_mask[:, None] & co_mask[None, :], other=0.0)
-        acc = _dot(a, d, acc, IEEE, UPCAST)
+        acc = dot(a, d, acc, DOT_PREC, UPCAST)
     out = dw_ptr + (split * KSIZE * C_in + rr).to(tl.int64)[:, None] * C_out + co[None, :]
     tl.store(out, acc, mask=r_mask[:, None] & co_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- autotune configs (data)
+# GEMM tiles for H100/A100: M = B * T_out (10^4..10^5 rows), N = C_out (512), K = k * C_in (1024-1536).
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Every config below compiles without register spills for sm_80 and sm_90 at 512 channels (the JIT's
+# 16-divisible C_in / C_out / strides: vectorised, cp.async-pipelined loads). The fp32 accumulator is
+# BLOCK_M * BLOCK_N / (32 * num_warps) registers per thread: 64 leaves room for the operand pipeline
+# and the GELU / LayerNorm epilogue; 128 (128 x 256 at 8 warps, 128 x 128 at 4) spills there (the dX /
+# dW GEMMs, a plain store, fit 128 x 256 at 8 warps), and 16 warps cap a thread at 128 registers.
+FWD_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+               _cfg(64, 256, 64, 8, 3)]
+# LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows, BLOCK_N at a time
+FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 64, 64, 4, 4),
+                    _cfg(64, 128, 64, 4, 4)]
+DX_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+DW_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+# under TRITON_INTERPRET (see ``launch_tuned``): several N chunks and K blocks at test sizes
+INTERPRET_TILES = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+KEY = ["M_BUCKET", "C_in", "C_out", "KSIZE"]
+
+
+def _prune(configs, named_args, **kwargs):
+    n = next_power_of_2(named_args["C_out"])  # positional in every launch
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(n, 128)]
+    return kept or configs[:1]
+
+
+_conv_fwd = autotuned("conv_layer_fwd", FWD_CONFIGS, KEY, _prune)(_conv_fwd_kernel)
+_conv_fwd_norm = autotuned("conv_layer_fwd_norm", FWD_NORM_CONFIGS, KEY, _prune)(_conv_fwd_kernel)
+_conv_bwd_dx = autotuned("conv_layer_bwd_dx", DX_CONFIGS, KEY, _prune)(_conv_bwd_dx_kernel)
+_conv_bwd_dw = autotuned("conv_layer_bwd_dw", DW_CONFIGS, KEY, _prune)(_conv_bwd_dw_kernel)

@@ -10,7 +10,8 @@ input_lengths (samples, [B]) is used with batch_invariant=True: the group-norm s
 taken over each utterance's real frames, so a padded batch equals single-utterance runs; and with
 trim_padding=True: frames past an utterance's real length (conv_output_length of its samples) may
 be left uncomputed (the torch backend runs layers 1..N per utterance on its real frames and leaves
-zeros there; real frames never depend on padding, so they are unchanged).
+zeros there; real frames never depend on padding, so they are unchanged). ``host_lengths``: the
+same lengths as host ints, when the caller has read them (the trim then needs no host sync).
 
 Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
 backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm
@@ -23,35 +24,18 @@ reason when a gradient is needed), layers 1..N on the same Triton kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
-from .._runtime import triton_device_reason
 from ..activations import get_activation
-from ..dispatch import Op
-from .conv_layer import conv_layer, conv_layer_check
-from .first_conv_layer import first_conv_layer_triton, first_conv_layer_triton_check, group_norm_over_lengths
-
-
-def conv_output_length(length, kernel_sizes: Sequence[int], strides: Sequence[int]):
-    """Frames after the conv stack (no padding): floor((L - K) / S) + 1 per layer; ints or tensors."""
-    for k, s in zip(kernel_sizes, strides):
-        length = torch.div(length - k, s, rounding_mode="floor") + 1 if torch.is_tensor(length) \
-            else (length - k) // s + 1
-    return length
-
-
-def receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int]) -> int:
-    """Fewest input samples that give one output frame."""
-    field, jump = 1, 1
-    for k, s in zip(kernel_sizes, strides):
-        field += (k - 1) * jump
-        jump *= s
-    return field
+from ..dispatch import Inputs, Op
+from ..padding import conv_output_length, receptive_field
+from .conv_layer import CONV_LAYER_TRITON, ConvLayerInputs, conv_layer
+from .first_conv_layer import FirstConvLayerInputs, first_conv_layer_op, group_norm_over_lengths
 
 
 def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases,
@@ -84,11 +68,52 @@ def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_stri
     return x if upcast else x.to(input_values.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureEncoderInputs(Inputs):
+    input_values: torch.Tensor  # [B, L] audio
+    conv_weights: tuple  # [C_out, C_in, K_i] per layer
+    conv_biases: tuple  # [C_out] or None per layer
+    conv_strides: tuple
+    norm_mode: str  # "group" (layer 0 only) or "layer" (every layer)
+    norm_weights: tuple
+    norm_biases: tuple
+    eps: float = 1e-5
+    activation: str = "gelu"
+    input_lengths: Optional[torch.Tensor] = None  # [B] real samples
+    batch_invariant: bool = False
+    trim_padding: bool = False
+    host_lengths: Optional[tuple] = None  # input_lengths as host ints, when the caller has them
+
+    @property
+    def float_tensors(self):
+        return (self.input_values, *self.conv_weights, *self.conv_biases, *self.norm_weights, *self.norm_biases)
+
+    @property
+    def tensors(self):
+        return (*self.float_tensors, self.input_lengths)
+
+    def first_layer(self) -> list:
+        """[("layer 0", the first layer's inputs)]."""
+        return [("layer 0", FirstConvLayerInputs(
+            self.input_values, self.conv_weights[0], self.conv_biases[0], self.conv_strides[0], self.norm_mode,
+            self.norm_weights[0], self.norm_biases[0], self.eps, self.activation, self.input_lengths,
+            self.batch_invariant))]
+
+    def later_layers(self) -> list:
+        """[("layer i", layer i's inputs), ...] for i >= 1 (the audio stands for their input tensor)."""
+        layer = self.norm_mode == "layer"
+        return [(f"layer {i}", ConvLayerInputs(self.input_values, w, self.conv_biases[i], "layer" if layer else "none",
+                                               self.norm_weights[i] if layer else None,
+                                               self.norm_biases[i] if layer else None, self.activation))
+                for i, w in enumerate(self.conv_weights) if i > 0]
+
+
 def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                  norm_weights, norm_biases, input_lengths=None):
+    """Raise a clear error for anything no backend should be asked to compute."""
     if not isinstance(input_values, torch.Tensor) or input_values.dim() != 2:
-        raise ValueError("feature_encoder: input_values must be a [batch, samples] tensor, got "
-                         f"{tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values)}")
+        got = tuple(input_values.shape) if isinstance(input_values, torch.Tensor) else type(input_values)
+        raise ValueError(f"feature_encoder: input_values must be a [batch, samples] tensor, got {got}")
     if not input_values.is_floating_point():
         raise TypeError(f"feature_encoder: input_values must be floating point, got {input_values.dtype}")
     if not (len(conv_weights) == len(conv_biases) == len(conv_strides)) or not conv_weights:
@@ -129,121 +154,86 @@ def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_s
                          f"{input_values.device}")
 
 
-feature_encoder_op = Op("feature_encoder")
+feature_encoder_op = Op("feature_encoder", features={"training": "has no backward"})
 
 
-@feature_encoder_op.register("torch", check=lambda *a, **k: None)
-def feature_encoder_torch(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                          norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                          input_lengths=None, batch_invariant=False, trim_padding=False):
+@feature_encoder_op.backend("torch", features=("training",))
+def feature_encoder_torch(inputs: FeatureEncoderInputs):
     """cuDNN / oneDNN convs; with trim_padding, layers 1..N run per utterance on its real frames."""
-    kernels = [w.shape[-1] for w in conv_weights]
+    i = inputs
+    layers = (i.conv_weights, i.conv_biases, i.conv_strides, i.norm_mode, i.norm_weights, i.norm_biases)
+    kernels = [w.shape[-1] for w in i.conv_weights]
     frames = None
-    if trim_padding and input_lengths is not None and len(conv_weights) > 1:
-        frames = conv_output_length(input_lengths, kernels, conv_strides).tolist()  # one host sync
-        total = conv_output_length(input_values.shape[1], kernels, conv_strides)
+    if i.trim_padding and i.input_lengths is not None and len(kernels) > 1:
+        samples = i.host_lengths if i.host_lengths is not None else i.input_lengths.tolist()  # one host sync
+        frames = [conv_output_length(n, kernels, i.conv_strides) for n in samples]
+        total = conv_output_length(i.input_values.shape[1], kernels, i.conv_strides)
         if min(frames) == total:  # nothing padded at the output: one batched pass
             frames = None
     if frames is None:
-        return feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                                         norm_weights, norm_biases, eps=eps, activation=activation,
-                                         input_lengths=input_lengths, batch_invariant=batch_invariant)
-    args = (conv_weights, conv_biases, conv_strides, norm_mode, norm_weights, norm_biases, eps,
-            get_activation(activation, True), input_lengths, batch_invariant, lambda t: t)
-    first = _run_layers(input_values[:, None, :], [0], *args)  # [B, C, T0]: group stats need all of it
-    first_frames = conv_output_length(input_lengths, kernels[:1], conv_strides[:1]).tolist()
-    out = first.new_zeros(first.shape[0], total, conv_weights[-1].shape[0])
-    rest = range(1, len(conv_weights))
+        return feature_encoder_reference(i.input_values, *layers, eps=i.eps, activation=i.activation,
+                                         input_lengths=i.input_lengths, batch_invariant=i.batch_invariant)
+    args = (*layers, i.eps, get_activation(i.activation, True), i.input_lengths, i.batch_invariant, lambda t: t)
+    first = _run_layers(i.input_values[:, None, :], [0], *args)  # [B, C, T0]: group stats need all of it
+    first_frames = [conv_output_length(n, kernels[:1], i.conv_strides[:1]) for n in samples]
+    out = first.new_zeros(first.shape[0], total, i.conv_weights[-1].shape[0])
+    rest = range(1, len(kernels))
     for b, (n0, n) in enumerate(zip(first_frames, frames)):
         if n > 0:
             out[b, :n] = _run_layers(first[b:b + 1, :, :n0], rest, *args)[0].transpose(0, 1)
     return out
 
 
-def _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                         norm_biases, activation) -> Optional[str]:
-    """Can Triton run layers 1..N (exact GELU, device and one dtype for every tensor, limits)?"""
-    if activation != "gelu":
-        return f"activation {activation!r} not implemented in the kernels (only 'gelu')"
-    tensors = [input_values, *conv_weights, *conv_biases, *norm_weights, *norm_biases]
-    reason = triton_device_reason(*tensors)
-    if reason:
-        return reason
-    dtypes = {t.dtype for t in tensors if t is not None}
-    if len(dtypes) != 1:
-        return f"mixed dtypes {sorted(map(str, dtypes))}"
-    if norm_mode == "layer" and any(t is None for t in (*norm_weights, *norm_biases)):
-        return "LayerNorm without an affine weight or bias (None) is not implemented in the kernels"
-    for i, w in enumerate(conv_weights[1:], 1):  # shapes and the channel chain: check_feature_encoder_inputs
-        norm = (norm_weights[i], norm_biases[i]) if norm_mode == "layer" else (None, None)
-        reason = conv_layer_check(input_values, w, conv_biases[i], *norm)
-        if reason:
-            return f"layer {i}: {reason}"
-    return None
-
-
-def feature_encoder_triton_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                                 norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                                 input_lengths=None, batch_invariant=False, trim_padding=False):
-    reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                                  norm_biases, activation)
-    if reason:
-        return reason
-    reason = first_conv_layer_triton_check(
-        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
-        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
-        batch_invariant=batch_invariant)
-    return f"layer 0: {reason}" if reason else None
-
-
-def _kernel_stack(first_layer, input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
-                  norm_biases, *, eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False,
-                  trim_padding=False):
-    """Layer 0 through ``first_layer`` (Triton or CUDA), layers 1..N through conv_layer's Triton
-    GEMMs. trim_padding is a hint these backends do not take: they compute every frame."""
-    x = first_layer(input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode,
-                    norm_weights[0], norm_biases[0], eps=eps, input_lengths=input_lengths,
-                    batch_invariant=batch_invariant)
-    for i in range(1, len(conv_weights)):
-        norm = ("layer", norm_weights[i], norm_biases[i]) if norm_mode == "layer" else ("none", None, None)
-        x = conv_layer(x, conv_weights[i], conv_biases[i], conv_strides[i], *norm, eps=eps)
+def _kernel_stack(first_layer, inputs: FeatureEncoderInputs):
+    """Layer 0 through the first conv layer's ``first_layer`` backend (Triton or CUDA), layers 1..N
+    through conv_layer's Triton GEMMs. trim_padding is a hint these backends do not take: they
+    compute every frame."""
+    (_, first), = inputs.first_layer()
+    x = first_conv_layer_op.backends[first_layer].impl(first)
+    for i, (_, layer) in enumerate(inputs.later_layers(), 1):
+        x = conv_layer(x, layer.weight, layer.bias, inputs.conv_strides[i], layer.norm_mode, layer.norm_weight,
+                       layer.norm_bias, eps=inputs.eps)
     return x
 
 
-@feature_encoder_op.register("triton", check=feature_encoder_triton_check, auto=False)
-def feature_encoder_triton(*args, **kwargs):
-    return _kernel_stack(first_conv_layer_triton, *args, **kwargs)
+def _parts(first_layer: str) -> tuple:
+    """A kernel backend's parts: the first conv layer's ``first_layer`` backend on layer 0, then the
+    Triton layer on each later one."""
+    return (("layer 0", first_conv_layer_op.backends[first_layer], FeatureEncoderInputs.first_layer),
+            ("layers 1..N", CONV_LAYER_TRITON, FeatureEncoderInputs.later_layers))
 
 
-def feature_encoder_cuda_check(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
-                               norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                               input_lengths=None, batch_invariant=False, trim_padding=False):
-    reason = first_conv_layer_cuda_check(
-        input_values, conv_weights[0], conv_biases[0], conv_strides[0], norm_mode, norm_weights[0],
-        norm_biases[0], eps=eps, activation=activation, input_lengths=input_lengths,
-        batch_invariant=batch_invariant)
-    if reason:
-        return f"layer 0: {reason}"
-    reason = _triton_layers_check(input_values, conv_weights, conv_biases, norm_mode, norm_weights,
-                                  norm_biases, activation)
-    return f"layers 1..{len(conv_weights) - 1} (Triton): {reason}" if reason else None
+@feature_encoder_op.backend("triton", parts=_parts("triton"), auto=False)
+def feature_encoder_triton(inputs: FeatureEncoderInputs):
+    return _kernel_stack("triton", inputs)
 
 
-@feature_encoder_op.register("cuda", check=feature_encoder_cuda_check, auto=False)
-def feature_encoder_cuda(*args, **kwargs):
+@feature_encoder_op.backend("cuda", parts=_parts("cuda"), auto=False)
+def feature_encoder_cuda(inputs: FeatureEncoderInputs):
     """Layer 0 on the CUDA extension (forward only), layers 1..N on the Triton kernels. Opt-in
     until a GPU benchmark shows the CUDA first layer faster than Triton's (bench first_conv_layer_fwd)."""
-    return _kernel_stack(first_conv_layer_cuda, *args, **kwargs)
+    return _kernel_stack("cuda", inputs)
 
 
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                     norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
-                    trim_padding: bool = False, backend: Optional[str] = None):
+                    trim_padding: bool = False, host_lengths: Optional[Sequence[int]] = None,
+                    backend: Optional[str] = None):
     """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""
     check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                  norm_weights, norm_biases, input_lengths)
-    return feature_encoder_op(input_values, list(conv_weights), list(conv_biases), list(conv_strides),
-                              norm_mode, list(norm_weights), list(norm_biases), eps=eps,
-                              activation=activation, input_lengths=input_lengths,
-                              batch_invariant=batch_invariant, trim_padding=trim_padding, backend=backend)
+    inputs = FeatureEncoderInputs(input_values, tuple(conv_weights), tuple(conv_biases), tuple(conv_strides),
+                                  norm_mode, tuple(norm_weights), tuple(norm_biases), eps, activation, input_lengths,
+                                  batch_invariant, trim_padding, None if host_lengths is None else tuple(host_lengths))
+    return feature_encoder_op(inputs, backend)
+
+
+@feature_encoder_op.example
+def _example(device, dtype):
+    """UniSpeech-base: 2 utterances of 10 s at 16 kHz, 7 convs of 512 channels, GroupNorm after layer 0."""
+    e = dict(device=device, dtype=dtype)
+    kernels, strides = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
+    weights = tuple(torch.empty(512, 1 if i == 0 else 512, k, **e) for i, k in enumerate(kernels))
+    return FeatureEncoderInputs(torch.empty(2, 160000, **e), weights, (None,) * len(weights), strides, "group",
+                                (torch.empty(512, **e),), (torch.empty(512, **e),))

@@ -6,34 +6,33 @@ statistics over the whole output, or over each utterance's real frames when batc
 "layer": LayerNorm over channels per frame; "none": no norm (reserved for stacks without one).
 Memory-bound (C outputs per K-sample window), so it has its own kernels instead of a GEMM.
 
-Triton backend: the conv is recomputed wherever it is needed instead of being stored (K FMAs per
-output are cheaper than a round trip through memory), so the forward writes its output once and
-the backward saves nothing but the audio, the parameters and, in group mode, the [B, C] statistics.
+Triton backend (kernels: ``first_conv_layer_kernels.py``): the conv is recomputed wherever it is
+needed instead of being stored (K FMAs per output are cheaper than a round trip through memory), so
+the forward writes its output once and the backward saves nothing but the audio, the parameters and,
+in group mode, the [B, C] statistics.
   forward  "layer"/"none": one pass (a program owns all C channels of its frames for LayerNorm).
            "group": a statistics pass (per-split Welford/Chan partials of each (b, c) over time,
            merged in torch: deterministic) then the output pass (conv, normalise, GELU).
   backward "group": a reduction pass (sum over time of dz and dz * xhat per (b, c)), then one pass
            that forms dy and reduces it into db, dW (per-split partials) and dx (per-frame taps,
            overlap-added in torch); "layer"/"none": that last pass alone.
+CUDA backend (opt-in, forward only): csrc/first_conv_layer.cu through the extension (``_cuda.py``
+loads it); its limits are the extension's own (``kernel_limits``, csrc/first_conv_layer.cuh).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-import triton
-
-from .._cuda import first_conv_layer_cuda, first_conv_layer_cuda_check
-from .._runtime import triton_device_reason
+from .. import _cuda
 from ..activations import get_activation
-from ..dispatch import Op
-from ._triton_helpers import NORM_GROUP, NORM_LAYER, NORM_NONE, TORCH_TO_TRITON, aot_spec, split_work
-from .first_conv_layer_kernels import (_first_conv_bwd_kernel, _first_conv_fwd_kernel,
-                                       _first_conv_group_bwd_reduce_kernel, _first_conv_group_stats_kernel)
-
-NORM_MODES = ("group", "layer", "none")
+from ..dispatch import Inputs, Op
+from ..padding import conv_output_length
+from ._common import (KERNEL_DTYPES, NORM_CODES, NORM_GROUP, NORM_LAYER, NORM_NONE, aot_spec, cdiv, next_power_of_2,
+                      split_work)
 
 
 def group_norm_over_lengths(x, weight, bias, eps, lengths):
@@ -55,7 +54,7 @@ def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, no
     y = F.conv1d(cast(input_values)[:, None, :], cast(weight), cast(bias), stride=stride)  # [B, C, T]
     if norm_mode == "group":
         if batch_invariant and input_lengths is not None:
-            lengths = torch.div(input_lengths - weight.shape[-1], stride, rounding_mode="floor") + 1
+            lengths = conv_output_length(input_lengths, [weight.shape[-1]], [stride])
             y = group_norm_over_lengths(y, cast(norm_weight), cast(norm_bias), eps, lengths)
         else:
             y = F.group_norm(y, y.shape[1], cast(norm_weight), cast(norm_bias), eps)
@@ -68,23 +67,54 @@ def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, no
     return y if upcast else y.to(dtype)
 
 
-first_conv_layer_op = Op("first_conv_layer")
+@dataclasses.dataclass(frozen=True)
+class FirstConvLayerInputs(Inputs):
+    input_values: torch.Tensor  # [B, L] audio
+    weight: torch.Tensor  # [C, 1, K]
+    bias: Optional[torch.Tensor]  # [C]
+    stride: int
+    norm_mode: str  # "group", "layer" or "none"
+    norm_weight: Optional[torch.Tensor]  # [C]
+    norm_bias: Optional[torch.Tensor]
+    eps: float = 1e-5
+    activation: str = "gelu"
+    input_lengths: Optional[torch.Tensor] = None  # [B] real samples (group statistics when batch_invariant)
+    batch_invariant: bool = False
+
+    @property
+    def float_tensors(self):
+        return self.input_values, self.weight, self.bias, self.norm_weight, self.norm_bias
+
+    @property
+    def tensors(self):
+        return (*self.float_tensors, self.input_lengths)
+
+    @property
+    def sizes(self):
+        return {"batch (a grid axis)": self.input_values.shape[0], "channels": self.weight.shape[0],
+                "kernel size": self.weight.shape[-1]}
+
+    @property
+    def frame_lengths(self) -> Optional[torch.Tensor]:
+        """[B] int32 real frames of each utterance, where the group statistics need them (else None)."""
+        if self.norm_mode != "group" or not self.batch_invariant or self.input_lengths is None:
+            return None
+        frames = conv_output_length(self.input_values.shape[1], [self.weight.shape[-1]], [self.stride])
+        lengths = conv_output_length(self.input_lengths, [self.weight.shape[-1]], [self.stride])
+        return lengths.clamp(0, frames).to(torch.int32)
 
 
-@first_conv_layer_op.register("torch", check=lambda *a, **k: None)
-def first_conv_layer_torch(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
-                           eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
-    return first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, norm_weight,
-                                      norm_bias, eps=eps, activation=activation,
-                                      input_lengths=input_lengths, batch_invariant=batch_invariant)
+# ----------------------------------------------------------------------------------------- launchers
+
+def _kernels():
+    from . import first_conv_layer_kernels
+
+    return first_conv_layer_kernels
 
 
-# ----------------------------------------------------------------------------- launchers
-
-_NORM_CODE = {"none": NORM_NONE, "layer": NORM_LAYER, "group": NORM_GROUP}
 _FWD_WARPS = 8
 _BWD_WARPS = 16
-_MAX_TILE = 4096  # fp32 elements of a [BLOCK_T, BLOCK_C] tile (larger ones spill on sm_90)
+MAX_TILE = 4096  # fp32 elements of a [BLOCK_T, BLOCK_C] tile (larger ones spill on sm_90)
 # The backward keeps ~10 live [BLOCK_T, BLOCK_C] fp32 tiles (conv recompute, dout, xhat, dz, dy, the
 # tap products) next to ~10 per-channel vectors and the [BLOCK_C, KPAD] dW accumulator, and 16 warps
 # cap a thread at 128 registers: 1024-element tiles (2 frames x 512 channels) fit with and without
@@ -93,23 +123,20 @@ _BWD_TILE = 1024
 _STATS_BLOCK_T = 32  # frames per tile of the group-statistics passes (with <= 128 channels)
 
 
-def _tiles(C: int, norm: int, max_tile: int = _MAX_TILE):
+def _tiles(C: int, norm: int, max_tile: int = MAX_TILE):
     """(BLOCK_T, BLOCK_C): LayerNorm and the backward need every channel in one program (C <= 4096)."""
-    block_c = triton.next_power_of_2(C) if norm == NORM_LAYER else min(128, triton.next_power_of_2(C))
+    block_c = next_power_of_2(C) if norm == NORM_LAYER else min(128, next_power_of_2(C))
     return max(1, min(64, max_tile // block_c)), block_c
-
-
-def _out_frames(L: int, K: int, stride: int) -> int:
-    return (L - K) // stride + 1
 
 
 def _group_stats(x, w, bias, frame_lengths, T, stride, eps):
     """Per-(b, c) mean and 1/std over time of conv(x) (+ bias): [B, C] fp32 each."""
+    kern = _kernels()
     B, C, K = x.shape[0], w.shape[0], w.shape[1]
-    block_t, block_c = _STATS_BLOCK_T, min(128, triton.next_power_of_2(C))
-    splits, per = split_work(triton.cdiv(T, block_t), B * triton.cdiv(C, block_c), x.device)
+    block_t, block_c = _STATS_BLOCK_T, min(128, next_power_of_2(C))
+    splits, per = split_work(cdiv(T, block_t), B * cdiv(C, block_c), x.device)
     stats = torch.empty(splits, B, C, 3, dtype=torch.float32, device=x.device)
-    _first_conv_group_stats_kernel[(splits, B, triton.cdiv(C, block_c))](
+    kern._first_conv_group_stats_kernel[(splits, B, cdiv(C, block_c))](
         x, w, bias if bias is not None else w, frame_lengths if frame_lengths is not None else w, stats,
         T, C, stride, x.stride(0), x.stride(1), per, KSIZE=K, HAS_BIAS=bias is not None,
         HAS_LENGTHS=frame_lengths is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_FWD_WARPS)
@@ -123,16 +150,17 @@ def _group_stats(x, w, bias, frame_lengths, T, stride, eps):
 def first_conv_fwd(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps):
     """Launch the forward; returns (out [B, T, C], mean [B, C] fp32, rstd [B, C] fp32) where the
     statistics are empty unless norm is group."""
+    kern = _kernels()
     B, L = x.shape
     C, _, K = weight.shape
-    T = _out_frames(L, K, stride)
+    T = conv_output_length(L, [K], [stride])
     w = weight.reshape(C, K).contiguous()
     mean, rstd = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     if norm == NORM_GROUP:
         mean, rstd = _group_stats(x, w, bias, frame_lengths, T, stride, eps)
     out = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
     block_t, block_c = _tiles(C, norm)
-    _first_conv_fwd_kernel[(triton.cdiv(T, block_t), B, triton.cdiv(C, block_c))](
+    kern._first_conv_fwd_kernel[(cdiv(T, block_t), B, cdiv(C, block_c))](
         x, w, bias if bias is not None else w, norm_weight if norm_weight is not None else w,
         norm_bias if norm_bias is not None else w, mean if norm == NORM_GROUP else w,
         rstd if norm == NORM_GROUP else w, out, T, C, stride, x.stride(0), x.stride(1), eps,
@@ -144,6 +172,7 @@ def first_conv_fwd(x, weight, bias, norm_weight, norm_bias, frame_lengths, strid
 def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths, mean, rstd, stride,
                    norm, eps, need_dx):
     """Gradients (dx or empty, dW, db or empty, d norm weight or empty, d norm bias or empty)."""
+    kern = _kernels()
     B, L = x.shape
     C, _, K = weight.shape
     T = dout.shape[1]
@@ -152,10 +181,10 @@ def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths,
     sdz = sdzx = dummy
     dg = dbeta = None
     if norm == NORM_GROUP:
-        block_c = min(128, triton.next_power_of_2(C))
-        splits, per = split_work(triton.cdiv(T, _STATS_BLOCK_T), B * triton.cdiv(C, block_c), x.device)
+        block_c = min(128, next_power_of_2(C))
+        splits, per = split_work(cdiv(T, _STATS_BLOCK_T), B * cdiv(C, block_c), x.device)
         part = torch.empty(splits, B, C, 2, dtype=torch.float32, device=x.device)
-        _first_conv_group_bwd_reduce_kernel[(splits, B, triton.cdiv(C, block_c))](
+        kern._first_conv_group_bwd_reduce_kernel[(splits, B, cdiv(C, block_c))](
             dout, x, w, bias if bias is not None else dummy, norm_weight, norm_bias, mean, rstd, part,
             T, C, stride, x.stride(0), x.stride(1), *dout.stride(), per, KSIZE=K,
             HAS_BIAS=bias is not None, BLOCK_T=_STATS_BLOCK_T, BLOCK_C=block_c, num_warps=_FWD_WARPS)
@@ -163,13 +192,13 @@ def first_conv_bwd(dout, x, weight, bias, norm_weight, norm_bias, frame_lengths,
         sdz, sdzx = sums[..., 0].contiguous(), sums[..., 1].contiguous()
         dbeta, dg = sdz.sum(0), sdzx.sum(0)
     block_t, block_c = _tiles(C, NORM_LAYER, _BWD_TILE)
-    splits, per = split_work(triton.cdiv(T, block_t), B, x.device)
-    kpad = triton.next_power_of_2(K)
+    splits, per = split_work(cdiv(T, block_t), B, x.device)
+    kpad = next_power_of_2(K)
     dw = torch.empty(splits, B, C, kpad, dtype=torch.float32, device=x.device)
     dvec = torch.empty(splits, B, 3, C, dtype=torch.float32, device=x.device)
     gx = torch.empty(B, T, K, dtype=torch.float32, device=x.device) if need_dx else dw
     has_norm = norm != NORM_NONE
-    _first_conv_bwd_kernel[(splits, B)](
+    kern._first_conv_bwd_kernel[(splits, B)](
         dout, x, w, bias if bias is not None else dummy, norm_weight if has_norm else dummy,
         norm_bias if has_norm else dummy, mean if norm == NORM_GROUP else dummy,
         rstd if norm == NORM_GROUP else dummy, sdz, sdzx,
@@ -206,7 +235,7 @@ def _first_conv_fwd_op(x, weight, bias, norm_weight, norm_bias, frame_lengths, s
 
 @_first_conv_fwd_op.register_fake
 def _(x, weight, bias, norm_weight, norm_bias, frame_lengths, stride, norm, eps):
-    T = _out_frames(x.shape[1], weight.shape[-1], stride)
+    T = conv_output_length(x.shape[1], [weight.shape[-1]], [stride])
     stats = (x.shape[0], weight.shape[0]) if norm == NORM_GROUP else (0,)
     return (x.new_empty(x.shape[0], T, weight.shape[0]), x.new_empty(stats, dtype=torch.float32),
             x.new_empty(stats, dtype=torch.float32))
@@ -252,49 +281,97 @@ def _first_conv_backward(ctx, dout, _dmean, _drstd):
 _first_conv_fwd_op.register_autograd(_first_conv_backward, setup_context=_first_conv_setup)
 
 
-def first_conv_layer_triton_check(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
-                                  *, eps=1e-5, activation="gelu", input_lengths=None,
-                                  batch_invariant=False):
-    reason = triton_device_reason(input_values, weight, bias, norm_weight, norm_bias, input_lengths)
-    if reason:
-        return reason
-    if input_values.dtype not in TORCH_TO_TRITON:
-        return f"dtype {input_values.dtype} not supported (fp32, fp16, bf16)"
-    if activation != "gelu":
-        return f"activation {activation!r} not implemented in the kernels (only 'gelu')"
-    if weight.dim() != 3 or weight.shape[1] != 1:
-        return f"weight must be [C, 1, K], got {tuple(weight.shape)}"
-    if norm_mode != "none" and (norm_weight is None or norm_bias is None):
-        return f"{norm_mode} norm without an affine weight or bias (None) is not implemented in the kernels"
-    if input_values.shape[0] > 65535:
-        return f"batch {input_values.shape[0]} > 65535 (grid axis limit)"
-    if triton.next_power_of_2(weight.shape[0]) > _MAX_TILE:
-        return f"{weight.shape[0]} channels > {_MAX_TILE} (a program owns every channel)"
-    return None
+# ------------------------------------------------------------------------------------------ backends
+
+first_conv_layer_op = Op("first_conv_layer", features={"training": "has no backward"})
+
+
+@first_conv_layer_op.backend("torch", features=("training",))
+def first_conv_layer_torch(inputs: FirstConvLayerInputs):
+    i = inputs
+    return first_conv_layer_reference(i.input_values, i.weight, i.bias, i.stride, i.norm_mode, i.norm_weight,
+                                      i.norm_bias, eps=i.eps, activation=i.activation, input_lengths=i.input_lengths,
+                                      batch_invariant=i.batch_invariant)
+
+
+def _cuda_shapes(inputs: FirstConvLayerInputs) -> list:
+    """A stride whose sample tile fits the kernel's shared memory (the extension's answer); audio of at
+    least one kernel."""
+    k = inputs.weight.shape[-1]
+    if not _cuda.fits_shared_memory(k, inputs.stride):
+        return [f"stride {inputs.stride} not supported (the shared-memory sample tile)"]
+    if inputs.input_values.shape[1] < k:
+        return [f"input of {inputs.input_values.shape[1]} samples is shorter than the kernel ({k})"]
+    return []
 
 
 # csrc/first_conv_layer.cu, forward only; opt-in until a GPU benchmark shows it beats Triton
-first_conv_layer_op.register("cuda", check=first_conv_layer_cuda_check, auto=False)(first_conv_layer_cuda)
+@first_conv_layer_op.backend("cuda", runtime="cuda", dtypes=KERNEL_DTYPES, activations=("gelu",),
+                             limits=_cuda.kernel_limits, not_supported_reasons=_cuda_shapes, auto=False)
+def first_conv_layer_cuda(inputs: FirstConvLayerInputs):
+    """Runs csrc/first_conv_layer.cu (forward only): [B, L] -> [B, T, C] in the input dtype."""
+    module, reason = _cuda.load()
+    if module is None:
+        raise RuntimeError(f"first_conv_layer cuda backend unavailable: {reason}")
+    i = inputs
+    lengths = i.input_lengths if (i.norm_mode == "group" and i.batch_invariant) else None
+    x = i.input_values if i.input_values.stride(-1) == 1 else i.input_values.contiguous()
+    norm = (i.norm_weight, i.norm_bias) if i.norm_mode != "none" else (None, None)
+    bias, norm_weight, norm_bias = (None if t is None else t.contiguous() for t in (i.bias, *norm))
+    return torch.ops.unispeech_cuda.first_conv_layer(x, i.weight.contiguous(), bias, int(i.stride),
+                                                     NORM_CODES[i.norm_mode], norm_weight, norm_bias, float(i.eps),
+                                                     lengths)
 
 
-@first_conv_layer_op.register("triton", check=first_conv_layer_triton_check, auto=False)
-def first_conv_layer_triton(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, *,
-                            eps=1e-5, activation="gelu", input_lengths=None, batch_invariant=False):
-    norm = _NORM_CODE[norm_mode]
-    frame_lengths = None
-    if norm == NORM_GROUP and batch_invariant and input_lengths is not None:
-        T = _out_frames(input_values.shape[1], weight.shape[-1], stride)
-        frames = torch.div(input_lengths - weight.shape[-1], stride, rounding_mode="floor") + 1
-        frame_lengths = frames.clamp(0, T).to(torch.int32)
-    out, _, _ = _first_conv_fwd_op(input_values, weight, bias, norm_weight if norm else None,
-                                   norm_bias if norm else None, frame_lengths, int(stride), norm,
-                                   float(eps))
+def _triton_shapes(inputs: FirstConvLayerInputs) -> list:
+    """A [C, 1, K] weight; a norm with its weight and bias."""
+    weight, norm_mode = inputs.weight, inputs.norm_mode
+    if weight.dim() != 3 or weight.shape[1] != 1:
+        return [f"weight must be [C, 1, K], got {tuple(weight.shape)}"]
+    if norm_mode != "none" and (inputs.norm_weight is None or inputs.norm_bias is None):
+        return [f"{norm_mode} norm without an affine weight or bias (None) is not implemented in the kernels"]
+    return []
+
+
+@first_conv_layer_op.backend("triton", runtime="triton", dtypes=KERNEL_DTYPES, activations=("gelu",),
+                             features=("training",), not_supported_reasons=_triton_shapes, auto=False,
+                             limits=(("batch (a grid axis)", 65535), ("channels", MAX_TILE)))
+def first_conv_layer_triton(inputs: FirstConvLayerInputs):
+    i = inputs
+    norm = NORM_CODES[i.norm_mode]
+    out, _, _ = _first_conv_fwd_op(i.input_values, i.weight, i.bias, i.norm_weight if norm else None,
+                                   i.norm_bias if norm else None, i.frame_lengths, int(i.stride), norm,
+                                   float(i.eps))
     return out
 
+
+def first_conv_layer(input_values, weight, bias, stride: int, norm_mode: str,
+                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], *,
+                     eps: float = 1e-5, activation: str = "gelu",
+                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
+                     backend: Optional[str] = None):
+    """Layer 0 of the feature encoder; returns [B, T, C]. Inputs are checked by feature_encoder."""
+    if norm_mode not in NORM_CODES:
+        raise ValueError(f"first_conv_layer: norm_mode must be one of {tuple(NORM_CODES)}, got {norm_mode!r}")
+    inputs = FirstConvLayerInputs(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias, eps,
+                                  activation, input_lengths, batch_invariant)
+    return first_conv_layer_op(inputs, backend)
+
+
+@first_conv_layer_op.example
+def _example(device, dtype):
+    """UniSpeech-base layer 0: 2 utterances of 10 s at 16 kHz, 512 channels, kernel 10, stride 5, GroupNorm."""
+    e = dict(device=device, dtype=dtype)
+    return FirstConvLayerInputs(torch.empty(2, 160000, **e), torch.empty(512, 1, 10, **e), None, 5, "group",
+                                torch.empty(512, **e), torch.empty(512, **e))
+
+
+# ---------------------------------------------------------------------------------------- aot specs
 
 def aot_specs():
     """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16.
     Unit strides are constexpr 1, as the JIT specialises them at run time."""
+    kern = _kernels()
     specs = []
     unit = {"stride_xl": 1}
     for dt in ("bf16",):  # fp16 compiles to the same tiles
@@ -306,10 +383,10 @@ def aot_specs():
                        out_ptr=f"*{dt}", eps="fp32")
             consts = dict(unit, KSIZE=10, HAS_BIAS=name == "layer", NORM=norm, BLOCK_T=block_t,
                           BLOCK_C=block_c)
-            specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", _first_conv_fwd_kernel, sig, consts,
+            specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", kern._first_conv_fwd_kernel, sig, consts,
                                   _FWD_WARPS))
         sig = dict(common, len_ptr="*i32", stats_ptr="*fp32", tiles_per_prog="i32")
-        specs.append(aot_spec(f"first_conv_group_stats_{dt}", _first_conv_group_stats_kernel, sig,
+        specs.append(aot_spec(f"first_conv_group_stats_{dt}", kern._first_conv_group_stats_kernel, sig,
                            dict(unit, KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=_STATS_BLOCK_T,
                                 BLOCK_C=128),
                            _FWD_WARPS))
@@ -317,7 +394,7 @@ def aot_specs():
                 "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                 "tiles_per_prog": "i32"}
         sig = dict(common, **grad, part_ptr="*fp32")
-        specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", _first_conv_group_bwd_reduce_kernel, sig,
+        specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", kern._first_conv_group_bwd_reduce_kernel, sig,
                            dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=_STATS_BLOCK_T,
                                 BLOCK_C=128),
                            _FWD_WARPS))
@@ -329,19 +406,8 @@ def aot_specs():
                        dvec_ptr="*fp32", gx_ptr="*fp32", eps="fp32")
             consts = dict(unit, stride_oc=1, KSIZE=10, KPAD=16, HAS_BIAS=norm == NORM_LAYER, NORM=norm,
                           HAS_LENGTHS=False, NEED_DX=need_dx, BLOCK_T=block_t, BLOCK_C=block_c)
-            specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", _first_conv_bwd_kernel, sig, consts,
+            specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", kern._first_conv_bwd_kernel, sig, consts,
                                   _BWD_WARPS))
     return specs
 
 
-def first_conv_layer(input_values, weight, bias, stride: int, norm_mode: str,
-                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], *,
-                     eps: float = 1e-5, activation: str = "gelu",
-                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
-                     backend: Optional[str] = None):
-    """Layer 0 of the feature encoder; returns [B, T, C]. Inputs are checked by feature_encoder."""
-    if norm_mode not in NORM_MODES:
-        raise ValueError(f"first_conv_layer: norm_mode must be one of {NORM_MODES}, got {norm_mode!r}")
-    return first_conv_layer_op(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
-                               eps=eps, activation=activation, input_lengths=input_lengths,
-                               batch_invariant=batch_invariant, backend=backend)

@@ -1,5 +1,5 @@
 """Triton kernels of the first feature-encoder layer (1-channel Conv1d + norm + GELU); the launchers,
-autograd and torch.library ops are in first_conv_layer.py.
+autograd, torch.library ops and the CUDA extension's backend are in first_conv_layer.py.
 
 Shapes: x [B, L] audio; weight [C, K] (the [C, 1, K] conv weight, contiguous); outputs and output
 gradients [B, T, C] channels-last; statistics [B, C] fp32. The conv is recomputed in every pass
@@ -8,7 +8,14 @@ gradients [B, T, C] channels-last; statistics [B, C] fp32. The conv is recompute
 import triton
 import triton.language as tl
 
-from ._triton_helpers import gelu, gelu_grad, to_out
+from ._common import NORM_CODES
+from ._common_kernels import gelu, gelu_grad, layer_norm_gelu_bwd, to_out
+
+# the NORM constexpr (``_common.NORM_CODES``)
+NONE: tl.constexpr = tl.constexpr(NORM_CODES["none"])
+LAYER: tl.constexpr = tl.constexpr(NORM_CODES["layer"])
+GROUP: tl.constexpr = tl.constexpr(NORM_CODES["group"])
+
 
 @triton.jit
 def _conv1_tile(x_row, w_ptr, b_ptr, t, c, t_mask, c_mask, stride, stride_xl,
@@ -30,19 +37,19 @@ def _first_conv_fwd_kernel(
     x_ptr,  # [B, L] audio, any strides
     w_ptr,  # [C, KSIZE] conv weight, contiguous
     b_ptr,  # [C] conv bias (read only if HAS_BIAS)
-    g_ptr,  # [C] norm weight (NORM != 0)
-    beta_ptr,  # [C] norm bias (NORM != 0)
-    mean_ptr,  # [B, C] fp32 group-norm mean (NORM == 2)
-    rstd_ptr,  # [B, C] fp32 group-norm 1/sqrt(var + eps) (NORM == 2)
+    g_ptr,  # [C] norm weight (NORM != NONE)
+    beta_ptr,  # [C] norm bias (NORM != NONE)
+    mean_ptr,  # [B, C] fp32 group-norm mean (NORM == GROUP)
+    rstd_ptr,  # [B, C] fp32 group-norm 1/sqrt(var + eps) (NORM == GROUP)
     out_ptr,  # [B, T, C] output, contiguous
     T,  # output frames
     C,  # channels
     stride,  # conv stride in samples
     stride_xb, stride_xl,  # strides of x
-    eps,  # LayerNorm epsilon (NORM == 1)
+    eps,  # LayerNorm epsilon (NORM == LAYER)
     KSIZE: tl.constexpr,  # conv kernel size
     HAS_BIAS: tl.constexpr,  # conv has a bias
-    NORM: tl.constexpr,  # 0 none, 1 LayerNorm over channels (BLOCK_C >= C), 2 GroupNorm(C, C)
+    NORM: tl.constexpr,  # NONE, LAYER (over channels, BLOCK_C >= C), GROUP (GroupNorm(C, C))
     BLOCK_T: tl.constexpr,  # frames per program
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -53,14 +60,14 @@ def _first_conv_fwd_kernel(
     c_mask = c < C
     y = _conv1_tile(x_ptr + b.to(tl.int64) * stride_xb, w_ptr, b_ptr, t, c, t_mask, c_mask, stride,
                     stride_xl, KSIZE, HAS_BIAS, BLOCK_T, BLOCK_C)
-    if NORM == 1:
+    if NORM == LAYER:
         mean = tl.sum(tl.where(c_mask[None, :], y, 0.0), axis=1) / C
         d = tl.where(c_mask[None, :], y - mean[:, None], 0.0)
         rstd = tl.math.rsqrt(tl.sum(d * d, axis=1) / C + eps)
         g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         y = d * rstd[:, None] * g[None, :] + beta[None, :]
-    if NORM == 2:
+    if NORM == GROUP:
         mean = tl.load(mean_ptr + b * C + c, mask=c_mask, other=0.0)
         rstd = tl.load(rstd_ptr + b * C + c, mask=c_mask, other=0.0)
         g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
@@ -169,21 +176,21 @@ def _first_conv_bwd_kernel(
     x_ptr,  # [B, L] audio, any strides
     w_ptr,  # [C, KSIZE] conv weight, contiguous
     b_ptr,  # [C] conv bias (read only if HAS_BIAS)
-    g_ptr, beta_ptr,  # [C] norm weight and bias (NORM != 0)
-    mean_ptr, rstd_ptr,  # [B, C] fp32 group-norm statistics of the forward (NORM == 2)
-    sdz_ptr, sdzx_ptr,  # [B, C] fp32 sums over all frames of dz and dz * xhat (NORM == 2)
-    len_ptr,  # [B] int32 real frames (NORM == 2 and HAS_LENGTHS)
+    g_ptr, beta_ptr,  # [C] norm weight and bias (NORM != NONE)
+    mean_ptr, rstd_ptr,  # [B, C] fp32 group-norm statistics of the forward (NORM == GROUP)
+    sdz_ptr, sdzx_ptr,  # [B, C] fp32 sums over all frames of dz and dz * xhat (NORM == GROUP)
+    len_ptr,  # [B] int32 real frames (NORM == GROUP and HAS_LENGTHS)
     dw_ptr,  # [SPLITS, B, C, KPAD] fp32 out: partial dW
     dvec_ptr,  # [SPLITS, B, 3, C] fp32 out: partial d(conv bias), d(norm weight), d(norm bias)
     gx_ptr,  # [B, T, KSIZE] fp32 out: sum_c dy[t, c] * W[c, k] (NEED_DX), overlap-added later
     T, C, stride, stride_xb, stride_xl,  # frames, channels, conv stride, strides of x
     stride_ob, stride_ot, stride_oc,  # strides of dout
-    eps,  # LayerNorm epsilon (NORM == 1)
+    eps,  # LayerNorm epsilon (NORM == LAYER)
     tiles_per_prog,  # BLOCK_T tiles of frames per split
     KSIZE: tl.constexpr,  # conv kernel size
     KPAD: tl.constexpr,  # next power of two >= KSIZE
     HAS_BIAS: tl.constexpr,  # conv has a bias
-    NORM: tl.constexpr,  # 0 none, 1 LayerNorm over channels, 2 GroupNorm(C, C)
+    NORM: tl.constexpr,  # NONE, LAYER (over channels), GROUP (GroupNorm(C, C))
     HAS_LENGTHS: tl.constexpr,  # group statistics were over len_ptr[b] frames
     NEED_DX: tl.constexpr,  # write gx for the audio gradient
     BLOCK_T: tl.constexpr,  # frames per tile
@@ -195,10 +202,10 @@ def _first_conv_bwd_kernel(
     c_mask = c < C
     kk = tl.arange(0, KPAD)
     x_row = x_ptr + b.to(tl.int64) * stride_xb
-    if NORM != 0:
+    if NORM != NONE:
         g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    if NORM == 2:
+    if NORM == GROUP:
         mean = tl.load(mean_ptr + b * C + c, mask=c_mask, other=0.0)
         rstd = tl.load(rstd_ptr + b * C + c, mask=c_mask, other=0.0)
         sdz = tl.load(sdz_ptr + b * C + c, mask=c_mask, other=0.0)
@@ -219,21 +226,17 @@ def _first_conv_bwd_kernel(
                         BLOCK_T, BLOCK_C)
         do = tl.load(dout_ptr + b.to(tl.int64) * stride_ob + t[:, None] * stride_ot + c[None, :] * stride_oc,
                      mask=mask, other=0.0).to(tl.float32)
-        if NORM == 0:
+        if NORM == NONE:
             dy = do * gelu_grad(y)
-        if NORM == 1:
+        if NORM == LAYER:
             mu = tl.sum(tl.where(c_mask[None, :], y, 0.0), axis=1) / C
             d = tl.where(c_mask[None, :], y - mu[:, None], 0.0)
             r = tl.math.rsqrt(tl.sum(d * d, axis=1) / C + eps)
             xhat = d * r[:, None]
-            dz = do * gelu_grad(xhat * g[None, :] + beta[None, :])
-            gdz = dz * g[None, :]
-            c1 = tl.sum(gdz, axis=1) / C
-            c2 = tl.sum(gdz * xhat, axis=1) / C
-            dy = (gdz - c1[:, None] - xhat * c2[:, None]) * r[:, None]
+            dy, dz = layer_norm_gelu_bwd(do, xhat, r, g, beta, C)
             acc_dg += tl.sum(dz * xhat, axis=0)
             acc_dbeta += tl.sum(dz, axis=0)
-        if NORM == 2:
+        if NORM == GROUP:
             xhat = (y - mean[None, :]) * rstd[None, :]
             dz = do * gelu_grad(xhat * g[None, :] + beta[None, :])
             valid = tl.where(t < n_valid, inv_n, 0.0)

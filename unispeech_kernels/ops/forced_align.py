@@ -57,17 +57,15 @@ backends -> entry point -> aot_specs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Optional, Sequence, Union
 
 import torch
-import triton
 
-from .._runtime import triton_device_reason
-from ..dispatch import Op
-from ._triton_helpers import TORCH_TO_TRITON, aot_spec
-from .forced_align_kernels import _forced_align_kernel
+from ..dispatch import Inputs, Op
+from ._common import KERNEL_DTYPES, aot_spec, next_power_of_2
 
 BACKPOINTER_BUDGET = 2 << 30  # bytes of back-pointers per launch; larger batches run in groups
 MAX_TRITON_LABELS = 4096  # label pairs one Triton program holds
@@ -326,8 +324,14 @@ def utterance_groups(frames: Sequence[int], bytes_per_frame: int, padded: bool, 
 
 # ------------------------------------------------------------------------------ Triton launcher
 
+def _kernels():
+    from . import forced_align_kernels
+
+    return forced_align_kernels
+
+
 def _block_labels(labels: Sequence[int]) -> int:
-    return max(32, triton.next_power_of_2(max(labels, default=0)))
+    return max(32, next_power_of_2(max(labels, default=0)))
 
 
 def viterbi_triton(log_probs, targets, frames: Sequence[int], labels: Sequence[int], blank: int,
@@ -348,7 +352,7 @@ def viterbi_triton(log_probs, targets, frames: Sequence[int], labels: Sequence[i
     best = torch.empty(bsz, dtype=torch.float32, device=device)
     tgt = targets.long().contiguous() if targets.shape[1] else targets.new_zeros(bsz, 1, dtype=torch.long)
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    _forced_align_kernel[(bsz,)](
+    _kernels()._forced_align_kernel[(bsz,)](
         log_probs, star_em if star_em is not None else scores, tgt, as_long(frames), as_long(labels),
         backptr, as_long(starts), scratch, alignment, scores, best, *log_probs.stride(), tgt.stride(0), n_t,
         blank, star if star is not None else 0, HAS_STAR=star is not None, BLOCK_L=block_l, BLOCK_T=128,
@@ -410,35 +414,54 @@ def _(log_probs, targets, input_lengths, target_lengths, blank, star, star_penal
 
 # ------------------------------------------------------------------------------------ backends
 
+@dataclasses.dataclass(frozen=True)
+class ForcedAlignInputs(Inputs):
+    log_probs: torch.Tensor  # [B, T, C]
+    targets: torch.Tensor  # [B, L] int
+    input_lengths: torch.Tensor  # [B] int64, checked
+    target_lengths: torch.Tensor  # [B] int64, checked
+    blank: int
+    star: Optional[int]
+    star_penalty: float
+    raise_infeasible: bool
+
+    @property
+    def tensors(self):
+        return self.log_probs, self.targets, self.input_lengths, self.target_lengths
+
+    @property
+    def float_tensors(self):
+        return (self.log_probs,)
+
+    @property
+    def features(self):
+        return frozenset()  # the alignment is not differentiable: no backward to support
+
+    @property
+    def sizes(self):
+        _, n_t, n_c = self.log_probs.shape
+        return {"labels": self.targets.shape[1],
+                "elements one utterance spans (int32 offsets)":
+                    (n_t - 1) * self.log_probs.stride(1) + (n_c - 1) * self.log_probs.stride(2) + 1}
+
+    def run(self, backend: str):
+        return forced_align_op(*self.tensors, self.blank, self.star, self.star_penalty, self.raise_infeasible,
+                               backend)
+
+
 forced_align_dispatch = Op("forced_align")
 
 
-@forced_align_dispatch.register("torch", check=lambda *args: None)
-def forced_align_torch(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
-                       raise_infeasible):
-    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
-                           raise_infeasible, "torch")
+@forced_align_dispatch.backend("torch")
+def forced_align_torch(inputs: ForcedAlignInputs):
+    return inputs.run("torch")
 
 
-def _triton_check(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty, raise_infeasible):
-    reason = triton_device_reason(log_probs, targets, input_lengths, target_lengths)
-    if reason:
-        return reason
-    if log_probs.dtype not in TORCH_TO_TRITON:
-        return f"dtype {log_probs.dtype}: the kernel reads fp32 / fp16 / bf16 (the torch backend runs fp64 in fp64)"
-    if targets.shape[1] > MAX_TRITON_LABELS:
-        return f"{targets.shape[1]} labels > {MAX_TRITON_LABELS}: an utterance's states must fit one program"
-    _, n_t, n_c = log_probs.shape
-    if (n_t - 1) * log_probs.stride(1) + (n_c - 1) * log_probs.stride(2) >= 2 ** 31:
-        return "one utterance's log_probs span 2^31 or more elements (the kernel uses int32 offsets per frame)"
-    return None
-
-
-@forced_align_dispatch.register("triton", check=_triton_check)
-def forced_align_triton(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
-                        raise_infeasible):
-    return forced_align_op(log_probs, targets, input_lengths, target_lengths, blank, star, star_penalty,
-                           raise_infeasible, "triton")
+@forced_align_dispatch.backend("triton", runtime="triton", dtypes=KERNEL_DTYPES,
+                               limits=(("labels", MAX_TRITON_LABELS),
+                                       ("elements one utterance spans (int32 offsets)", 2 ** 31 - 1)))
+def forced_align_triton(inputs: ForcedAlignInputs):
+    return inputs.run("triton")
 
 
 # ---------------------------------------------------------------------------------- entry point
@@ -453,10 +476,19 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor,
     ``backend``: None (Triton on CUDA and under TRITON_INTERPRET=1, else torch), "triton" or "torch"."""
     input_lengths, target_lengths = check_forced_align_inputs(log_probs, targets, input_lengths, target_lengths,
                                                               blank, star, star_penalty, infeasible)
-    alignment, scores, feasible = forced_align_dispatch(log_probs, targets, input_lengths, target_lengths, blank,
-                                                        star, float(star_penalty), infeasible == "raise",
-                                                        backend=backend)
+    inputs = ForcedAlignInputs(log_probs, targets, input_lengths, target_lengths, blank, star, float(star_penalty),
+                               infeasible == "raise")
+    alignment, scores, feasible = forced_align_dispatch(inputs, backend)
     return (alignment, scores) if infeasible == "raise" else (alignment, scores, feasible)
+
+
+@forced_align_dispatch.example
+def _example(device, dtype):
+    """Two utterances of 499 and 249 frames (10 s and 5 s), vocab 32, 15 characters per second."""
+    log_probs = torch.empty(2, 499, 32, device=device, dtype=dtype)
+    targets = torch.ones(2, 150, dtype=torch.long, device=device)
+    lengths = (torch.tensor([499, 249], device=device), torch.tensor([150, 75], device=device))
+    return ForcedAlignInputs(log_probs, targets, *lengths, 0, None, -1.0, True)
 
 
 # ------------------------------------------------------------------- ahead-of-time compile specs
@@ -464,7 +496,7 @@ def forced_align(log_probs: torch.Tensor, targets: torch.Tensor,
 def aot_specs():
     """The kernel at label blocks 128 (a 10 s utterance), 1024 (the design limit of a 30 s segment
     of fast speech) and 4096 (the largest), bf16, and fp32 with a star, for the compile check."""
-    specs = []
+    specs, kernel = [], _kernels()._forced_align_kernel
     for elem, block_l, has_star in (("bf16", 128, False), ("bf16", 1024, False), ("fp32", 1024, True),
                                     ("bf16", 4096, False)):
         sig = {"lp_ptr": f"*{elem}", "star_ptr": "*fp32", "tgt_ptr": "*i64", "in_len_ptr": "*i64",
@@ -472,6 +504,6 @@ def aot_specs():
                "align_ptr": "*i64", "score_ptr": "*fp32", "best_ptr": "*fp32", "stride_lb": "i32",
                "stride_lt": "i32", "stride_tb": "i32", "T": "i32", "blank": "i32", "star": "i32"}
         constexprs = dict(stride_lc=1, HAS_STAR=has_star, BLOCK_L=block_l, BLOCK_T=128)
-        specs.append(aot_spec(f"forced_align_{elem}_l{block_l}" + "_star" * has_star, _forced_align_kernel, sig,
+        specs.append(aot_spec(f"forced_align_{elem}_l{block_l}" + "_star" * has_star, kernel, sig,
                               constexprs, _num_warps(block_l)))
     return specs
