@@ -42,7 +42,7 @@ def sentences(count: int, rng: np.random.Generator, exclude=()) -> list:
     while len(out) < count:
         parts = [SUBJECTS[rng.integers(len(SUBJECTS))], VERBS[rng.integers(len(VERBS))],
                  OBJECTS[rng.integers(len(OBJECTS))]]
-        tail = rng.integers(3)
+        tail = rng.integers(6)  # a place or a time in one sentence of three
         if tail == 1:
             parts.append(PLACES[rng.integers(len(PLACES))])
         elif tail == 2:
@@ -79,9 +79,9 @@ def build(out: str, train_sentences: int, voices_per_sentence: int, heldout_sent
     jobs = {"train": [], "heldout": []}
     for i, text in enumerate(train_text):
         for voice in rng.choice(TRAIN_VOICES, voices_per_sentence, replace=False):
-            jobs["train"].append((text, str(voice), int(rng.integers(145, 186)), int(rng.integers(35, 66))))
+            jobs["train"].append((text, str(voice), int(rng.integers(165, 211)), int(rng.integers(35, 66))))
     for text in heldout_text:
-        jobs["heldout"].append((text, HELDOUT_VOICE, 165, 50))
+        jobs["heldout"].append((text, HELDOUT_VOICE, 185, 50))
     summary = {}
     for split, items in jobs.items():
         def one(job):

@@ -28,12 +28,12 @@ from unispeech import UniSpeechConfig
 SIZES = {
     # 2 shared CPU cores, ~30 min: 5 convs (stride 320), 3 x 96 transformer
     "cpu": dict(train_sentences=200, voices=2, heldout=40, hidden=96, layers=3, heads=4, conv_dim=(32, 64, 64, 64, 64),
-                conv_stride=(5, 4, 4, 2, 2), conv_kernel=(10, 8, 4, 4, 4), pretrain_steps=400, finetune_steps=200,
-                batch=8, device="cpu"),
+                conv_stride=(5, 4, 4, 2, 2), conv_kernel=(10, 8, 4, 4, 4), pretrain_steps=2000, finetune_steps=300,
+                batch=4, processes=2, device="cpu"),
     # one GPU, well under an hour: the standard 7-conv encoder, 6 x 256 transformer, 4x the data
     "gpu": dict(train_sentences=800, voices=3, heldout=80, hidden=256, layers=6, heads=4, conv_dim=(256,) * 7,
                 conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2), pretrain_steps=3000,
-                finetune_steps=2000, batch=16, device="cuda"),
+                finetune_steps=2000, batch=16, processes=1, device="cuda"),
 }
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
 
@@ -44,21 +44,32 @@ def model_config(size: dict) -> UniSpeechConfig:
         intermediate_size=4 * size["hidden"], conv_dim=size["conv_dim"], conv_stride=size["conv_stride"],
         conv_kernel=size["conv_kernel"], num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
         num_codevectors_per_group=32, num_codevector_groups=2, codevector_dim=64, proj_codevector_dim=64,
-        num_negatives=20, mask_time_prob=0.4, mask_time_length=4, hidden_dropout=0.0, attention_dropout=0.0,
+        num_negatives=20, mask_time_prob=0.3, mask_time_length=4, hidden_dropout=0.0, attention_dropout=0.0,
         activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, pad_token_id=0)
 
 
-def run(command, log_file):
-    """Run a recipe command line, its output to log_file; returns the wall time in seconds. One
-    thread per process: on a shared 2-core machine a second thread waits on the busy core (a
-    training step of the CPU size took 10x longer with 2 threads than with 1 at load 10)."""
+def start(command, log_file):
+    """Start a recipe command line, its output to log_file. One thread per process: on a shared
+    2-core machine a second thread waits on a busy core (a training step of the CPU size took 10x
+    longer with 2 threads than with 1 at load 10)."""
     print("$ " + " ".join(command), flush=True)
-    start = time.time()
     with open(log_file, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode:
-        sys.exit(f"failed ({done.returncode}): see {log_file}")
-    return time.time() - start
+        return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait(processes, log_files, started):
+    """Wait for every process; the wall time of each (seconds since ``started``)."""
+    walls = []
+    for p, log_file in zip(processes, log_files):
+        if p.wait():
+            sys.exit(f"failed ({p.returncode}): see {log_file}")
+        walls.append(time.time() - started)
+    return walls
+
+
+def run(command, log_file):
+    started = time.time()
+    return wait([start(command, log_file)], [log_file], started)[0]
 
 
 def read_log(folder):
@@ -102,7 +113,9 @@ NAMES = {"b": "ours, from (a)", "c": "ours, random init", "d": "transformers, fr
 def markdown(results):
     lines = [f"# Does it learn speech? espeak-ng corpus, {results['date']}", "",
              f"Machine: {results['machine']}. Wall time {results['wall_s'] / 60:.1f} min in all "
-             f"(corpus {results['corpus_s']:.0f} s, pre-training {results['pretrain']['wall_s']:.0f} s).",
+             f"(corpus {results['corpus_s']:.0f} s, pre-training {results['pretrain']['wall_s']:.0f} s on "
+             f"{results['pretrain']['processes']} processes; the three fine-tunings of a seed side by side, one "
+             "process each).",
              f"Corpus: {json.dumps(results['corpus'])}", "",
              "| run | seed | held-out CER | held-out WER | final train loss / char | wall (s) |",
              "|---|---|---|---|---|---|"]
@@ -133,27 +146,35 @@ def main(argv=None):
         summary = json.loads(f.read().strip().splitlines()[-1])
     config_dir = os.path.join(args.work, "config")
     model_config(size).save_pretrained(config_dir)
-    common = ["--batch-size", str(size["batch"]), "--device", size["device"], "--log-every", "10"]
+    common = ["--device", size["device"], "--log-every", "10"]
     pre_dir = os.path.join(args.work, "a_pretrain")
-    command = py + ["unispeech.pretrain", "--train", os.path.join(corpus, "train.jsonl"), "--config", config_dir,
-                    "--steps", str(size["pretrain_steps"]), "--lr", "1e-3", "--gumbel-decay", "0.995",
-                    "--output-dir", pre_dir] + common
+    launcher = py if size["processes"] == 1 else py + ["torch.distributed.run", "--standalone",
+                                                       f"--nproc_per_node={size['processes']}", "-m"]
+    command = launcher + ["unispeech.pretrain", "--train", os.path.join(corpus, "train.jsonl"), "--config", config_dir,
+                    "--steps", str(size["pretrain_steps"]), "--lr", "1e-3", "--warmup", "0.05", "--hold", "0.5",
+                    "--gumbel-decay", str(round(0.25 ** (1 / size["pretrain_steps"]), 6)),
+                    "--output-dir", pre_dir, "--batch-size", str(size["batch"] // size["processes"])] + common
     results = dict(date=datetime.date.today().isoformat(), size=args.size, seeds=args.seeds, corpus=summary,
                    corpus_s=corpus_s, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
                    f"(load average at start {os.getloadavg()[0]:.1f})")
-    results["pretrain"] = dict(wall_s=run(command, pre_dir + ".log"), log=read_log(pre_dir))
+    results["pretrain"] = dict(wall_s=run(command, pre_dir + ".log"), log=read_log(pre_dir),
+                               processes=size["processes"])
     commands.append(" ".join(command[1:]))
     results["finetune"] = []
-    for seed in args.seeds:
-        for variant, extra in (("b", []), ("c", ["--from-scratch"]), ("d", ["--implementation", "transformers"])):
-            out = os.path.join(args.work, f"{variant}_seed{seed}")
+    variants = (("b", []), ("c", ["--from-scratch"]), ("d", ["--implementation", "transformers"]))
+    for seed in args.seeds:  # the three variants of a seed run side by side, one process each
+        outs = [os.path.join(args.work, f"{variant}_seed{seed}") for variant, _ in variants]
+        started, processes = time.time(), []
+        for (variant, extra), out in zip(variants, outs):
             command = py + ["unispeech.finetune", "--checkpoint", pre_dir, "--train", os.path.join(corpus, "train.jsonl"),
                             "--eval", os.path.join(corpus, "heldout.jsonl"), "--steps", str(size["finetune_steps"]),
-                            "--lr", "1e-3", "--freeze-feature-encoder-steps", str(size["finetune_steps"] // 5),
+                            "--lr", "5e-4", "--freeze-feature-encoder-steps", str(size["finetune_steps"] // 5),
                             "--eval-every", str(size["finetune_steps"] // 5), "--seed", str(seed),
-                            "--set", "mask_time_prob=0.1", "--output-dir", out] + common + extra
-            wall = run(command, out + ".log")
+                            "--set", "mask_time_prob=0.1", "--output-dir", out, "--batch-size", str(size["batch"])] + common + extra
+            processes.append(start(command, out + ".log"))
             commands.append(" ".join(command[1:]))
+        walls = wait(processes, [o + ".log" for o in outs], started)
+        for (variant, _), out, wall in zip(variants, outs, walls):
             log = read_log(out)
             last_eval = [r for r in log if "eval_cer" in r][-1]
             results["finetune"].append(dict(variant=variant, seed=seed, wall_s=wall, cer=last_eval["eval_cer"],

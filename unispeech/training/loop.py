@@ -138,9 +138,10 @@ class Trainer:
             self.start, self.consumed = state["step"], state["consumed"]
         else:  # per-rank streams for dropout and masks; the weights were drawn from args.seed on every rank
             seed_everything(derived_seed(args.seed, runtime.rank, 2))
+        # a generator of its own: the loader's draws (worker seeds) leave the restored streams alone
         self.batches = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler.iterate(self.consumed), collate_fn=collate, num_workers=args.num_workers,
-            pin_memory=runtime.device.type == "cuda"))
+            pin_memory=runtime.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed)))
 
     def gradient_step(self, step: int) -> Dict[str, Tuple[float, float]]:
         """Forward and backward of the step's micro-batches; leaves the gradients of the per-sample

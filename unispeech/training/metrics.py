@@ -38,7 +38,14 @@ def error_rates(counts: Dict[str, float]) -> Dict[str, float]:
 
 
 def greedy_decode(logits: torch.Tensor, frames: torch.Tensor, tokenizer) -> List[str]:
-    """[B, T, V] logits and [B] real frames -> texts: the argmax path, repeats merged, blanks dropped
-    (the tokenizer's CTC decode, special tokens left out)."""
-    ids = logits.argmax(-1).cpu()
-    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids, frames.tolist())]
+    """[B, T, V] logits and [B] real frames -> texts: the argmax path with repeats merged, then
+    blanks (the pad token) and other special tokens dropped. (The tokenizer's own
+    ``skip_special_tokens=True`` drops blanks before merging, as transformers' does, which merges
+    a letter repeated across a blank: "l <pad> l" would read "l".)"""
+    special = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens
+               if t != tokenizer.word_delimiter_token}
+    texts = []
+    for row, n in zip(logits.argmax(-1).cpu(), frames.tolist()):
+        ids = torch.unique_consecutive(row[:n]).tolist()
+        texts.append(tokenizer.decode([i for i in ids if i not in special], group_tokens=False))
+    return texts
