@@ -119,15 +119,6 @@ def test_config_fields_round_trip():
     assert default.pretraining_ctc_weight == 0.5 and default.pretraining_ctc_blank_id is None
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a shared 2-core machine: threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fifty_adam_steps_lower_the_loss(one_thread):
     torch.manual_seed(1)
     model = UniSpeechForPreTraining(tiny_config(mask_time_prob=0.4, replace_prob=0.5)).train()

@@ -59,7 +59,8 @@ def test_every_bad_input_is_named_by_its_line_and_skipped(corpus):
     kept = check_utterances(read_utterances(str(folder / "train.tsv")), checks(tokenizer, resample=False), "skip",
                             messages.append)
     assert [u.where.rsplit(" ", 1)[1] for u in kept] == ["2"] and kept[0].labels == [5, 6, 4, 6, 5]
-    assert len(messages) == len(EXPECTED) + 1 and messages[-1] == f"skipped {len(EXPECTED)} of {len(EXPECTED) + 1} utterances"
+    assert len(messages) == len(EXPECTED) + 1
+    assert messages[-1] == f"skipped {len(EXPECTED)} of {len(EXPECTED) + 1} utterances"
     for (line, expected), message in zip(EXPECTED.items(), messages):
         assert f"train.tsv line {line}: " in message and expected in message, message
 

@@ -47,7 +47,8 @@ def data(tmp_path_factory):
     with open(folder / "train.jsonl", "w") as f:
         for i in range(8):
             n = int(rng.integers(800, 1600))
-            audio = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 900) * np.arange(n) / 16000) + 0.05 * rng.standard_normal(n)
+            tone = np.sin(2 * np.pi * rng.uniform(200, 900) * np.arange(n) / 16000)
+            audio = 0.3 * tone + 0.05 * rng.standard_normal(n)
             soundfile.write(str(folder / f"{i}.wav"), audio, 16000, subtype="PCM_16")
             text = " ".join(rng.choice(words, 2))
             f.write(json.dumps(dict(audio=f"{i}.wav", text=text, phonemes=" ".join(text.replace(" ", "")))) + "\n")
@@ -61,8 +62,10 @@ def recipe_argv(recipe, folder, out, *extra):
     common = ["--output-dir", str(out), "--device", "cpu", "--log-every", "1", "--freeze-feature-encoder-steps", "0",
               "--warmup", "0.5"]
     if recipe == "finetune":
-        return ["--checkpoint", str(folder / "pretrained"), "--train", str(folder / "train.jsonl")] + common + list(extra)
-    return ["--train", str(folder / "train.jsonl"), "--config", str(folder / "config"), "--lr", "1e-3"] + common + list(extra)
+        model = ["--checkpoint", str(folder / "pretrained")]
+    else:
+        model = ["--config", str(folder / "config"), "--lr", "1e-3"]
+    return model + ["--train", str(folder / "train.jsonl")] + common + list(extra)
 
 
 def _launch(commands, envs, timeout=TIMEOUT):
@@ -183,14 +186,14 @@ def _torchrun(module, argv, nodes=1):
 
 def test_torchrun_finetune_with_layerdrop_resumes_exactly(data, tmp_path):
     """torchrun, 2 gloo processes, LayerDrop 0.5 and dropout and SpecAugment on, DDP without
-    find_unused_parameters: 4 steps with a checkpoint at step 2; resumed from it, steps 3 and 4
-    give the same losses."""
+    find_unused_parameters, the feature encoder frozen for steps 1-2: 4 steps with a checkpoint at
+    step 2; resumed from it, steps 3 and 4 give the same losses."""
     from unispeech.training.loop import derived_seed
     drops = [[bool(torch.rand([], generator=g) < 0.5) for _ in range(2)]
              for g in (torch.Generator().manual_seed(derived_seed(0, s, 0, 1)) for s in range(1, 5))]
     assert any(any(d) for d in drops), "the seeded LayerDrop draws should skip a layer in 4 steps"
     extra = ["--steps", "4", "--batch-size", "2", "--save-every", "2", "--set", "layerdrop=0.5", "hidden_dropout=0.1",
-             "mask_time_prob=0.2"]
+             "mask_time_prob=0.2", "--freeze-feature-encoder-steps", "2"]  # DDP rebuilt at the unfreeze
     _torchrun("unispeech.finetune", recipe_argv("finetune", data, tmp_path / "full", *extra))
     _torchrun("unispeech.finetune", recipe_argv("finetune", data, tmp_path / "resumed", *extra, "--resume",
                                                 str(tmp_path / "full" / "checkpoint-2")))

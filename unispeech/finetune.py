@@ -28,15 +28,15 @@ from .processing import UniSpeechProcessor
 from .tokenization import VOCAB_NAME, UniSpeechCTCTokenizer
 from .training.checkpoint import seed_everything
 from .training.cli import add_training_arguments, apply_overrides, autocast_dtype, check_training_arguments
-from .training.data import (Checks, BadInput, UtteranceDataset, character_labeler, character_vocabulary,
+from .training.data import (Checks, UtteranceDataset, character_labeler, character_vocabulary,
                             check_utterances, collate, read_utterances, samples_for_frames)
-from .training.distributed import Runtime, all_reduce_sum, init_runtime, shutdown
-from .training.loop import Recipe, StepResult, Trainer
+from .training.distributed import Runtime, all_reduce_sum
+from .training.loop import Recipe, StepResult, run_recipe
 from .training.metrics import error_counts, error_rates, greedy_decode
 from .training.sampler import BucketBatchSampler, evaluation_batches
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unispeech.finetune", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model and data")
@@ -53,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--vocab", default=None, help="vocab.json (default: the checkpoint's, else built from --train)")
     add_training_arguments(p, steps=1000, lr=5e-5, batch_size=8, warmup=0.1, hold=0.4,
                            freeze_feature_encoder_steps=-1)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     check_training_arguments(p, args)
     return args
@@ -80,8 +85,9 @@ def build_model(args, vocab: dict):
     else:
         import transformers
         theirs = transformers.UniSpeechConfig.from_dict(config.to_dict())
-        model = transformers.UniSpeechForCTC(theirs) if args.from_scratch else transformers.UniSpeechForCTC.from_pretrained(
-            args.checkpoint, config=theirs, dtype=torch.float32)
+        cls = transformers.UniSpeechForCTC
+        model = cls(theirs) if args.from_scratch else cls.from_pretrained(args.checkpoint, config=theirs,
+                                                                          dtype=torch.float32)
     base = model.base_model
     if hasattr(base, "masked_spec_embed") and not (config.apply_spec_augment and config.mask_time_prob > 0):
         base.masked_spec_embed.requires_grad_(False)  # never used: DDP must not wait for its gradient
@@ -97,7 +103,8 @@ def make_evaluate(model, config, tokenizer, utterances, args, runtime: Runtime):
     def evaluate(wrapped, step):
         model.eval()
         refs, hyps, loss, tokens = [], [], 0.0, 0
-        with torch.no_grad(), torch.autocast(runtime.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        autocast = torch.autocast(runtime.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.no_grad(), autocast:
             for keys in batches:
                 batch = collate([dataset[k] for k in keys]).to(runtime.device)
                 logits = wrapped(batch.input_values, attention_mask=batch.attention_mask).logits.float()
@@ -158,18 +165,11 @@ def build(args, runtime):
     recipe = Recipe(model, step, write_model, evaluate, find_unused_parameters=uses_own_layerdrop)
     sampler = BucketBatchSampler([u.samples for u in train_utts], args.batch_size, runtime.world, runtime.rank,
                                  args.seed, args.shard_batches)
-    return (recipe, UtteranceDataset(train_utts), sampler)
+    return recipe, UtteranceDataset(train_utts), sampler
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    runtime = init_runtime(args.device)
-    try:
-        return Trainer(args, runtime, *build(args, runtime)).run()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        shutdown(runtime)
+    return run_recipe(parse_args, build, argv)
 
 
 if __name__ == "__main__":

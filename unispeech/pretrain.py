@@ -29,10 +29,9 @@ from .pretraining import gumbel_temperature, sample_negative_indices
 from .training.audio import RATE
 from .training.checkpoint import seed_everything
 from .training.cli import add_training_arguments, apply_overrides, check_training_arguments
-from .training.data import (BadInput, Checks, Utterance, UtteranceDataset, check_utterances, phoneme_labeler,
+from .training.data import (Checks, Utterance, UtteranceDataset, check_utterances, phoneme_labeler,
                             phoneme_vocabulary, read_utterances, samples_for_frames)
-from .training.distributed import init_runtime, shutdown
-from .training.loop import Recipe, StepResult, Trainer, derived_seed
+from .training.loop import Recipe, StepResult, derived_seed, run_recipe
 from .training.sampler import BucketBatchSampler
 
 PHONEMES_NAME = "phonemes.json"
@@ -63,7 +62,7 @@ def small_config(args) -> UniSpeechConfig:
         pad_token_id=0)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unispeech.pretrain", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data").add_mutually_exclusive_group(required=True)
@@ -83,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--gumbel-min", type=float, default=0.5, help="lowest Gumbel temperature")
     add_training_arguments(p, steps=200, lr=5e-4, batch_size=4, warmup=0.1, hold=0.0,
                            freeze_feature_encoder_steps=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     check_training_arguments(p, args)
     if not 0.0 <= args.ctc_weight <= 1.0:
@@ -98,8 +102,9 @@ def draw_masks(model, batch, seed: int, step: int):
     mask = torch.zeros(len(lengths), frames, dtype=torch.bool)
     negatives = torch.arange(len(lengths) * frames).view(-1, frames, 1).repeat(1, 1, cfg.num_negatives)
     for row, (index, n) in enumerate(zip(batch.indices.tolist(), lengths)):
-        spans = compute_mask_indices((1, n), cfg.mask_time_prob, cfg.mask_time_length, min_masks=cfg.mask_time_min_masks,
-                                     random_state=np.random.RandomState(derived_seed(seed, step, index, 3) % 2 ** 32))
+        random_state = np.random.RandomState(derived_seed(seed, step, index, 3) % 2 ** 32)
+        spans = compute_mask_indices((1, n), cfg.mask_time_prob, cfg.mask_time_length,
+                                     min_masks=cfg.mask_time_min_masks, random_state=random_state)
         mask[row, :n] = torch.from_numpy(spans[0])
         generator = torch.Generator().manual_seed(derived_seed(seed, step, index, 4))
         negatives[row, :n] = sample_negative_indices(mask[row:row + 1, :n], cfg.num_negatives, generator=generator)[0]
@@ -147,7 +152,8 @@ def build(args, runtime):
         out = wrapped(batch.input_values, attention_mask=batch.attention_mask, labels=batch.labels,
                       mask_time_indices=mask.to(batch.input_values.device),
                       sampled_negative_indices=negatives.to(batch.input_values.device))
-        masked = float((mask & model._get_feature_vector_attention_mask(mask.shape[1], batch.attention_mask.cpu())).sum())
+        real = model._get_feature_vector_attention_mask(mask.shape[1], batch.attention_mask.cpu())
+        masked = float((mask & real).sum())
         logs = dict(contrastive=(out.contrastive_loss.item(), masked),
                     diversity=(out.diversity_loss.item() * len(batch.indices), len(batch.indices)))
         if out.ctc_loss is not None:
@@ -163,19 +169,11 @@ def build(args, runtime):
     recipe = Recipe(model, step, write_model, before_step=before_step)
     sampler = BucketBatchSampler([u.samples for u in utterances], args.batch_size, runtime.world, runtime.rank,
                                  args.seed, args.shard_batches)
-    return (recipe, UtteranceDataset(utterances, None if labelled else max_samples, args.seed),
-                 sampler)
+    return recipe, UtteranceDataset(utterances, None if labelled else max_samples, args.seed), sampler
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    runtime = init_runtime(args.device)
-    try:
-        return Trainer(args, runtime, *build(args, runtime)).run()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        shutdown(runtime)
+    return run_recipe(parse_args, build, argv)
 
 
 if __name__ == "__main__":

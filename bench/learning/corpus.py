@@ -66,7 +66,8 @@ def speak(text: str, voice: str, speed: int, pitch: int, path: str) -> None:
     import soundfile
 
     with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-        subprocess.run(["espeak-ng", "-z", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw.name, text], check=True)
+        subprocess.run(["espeak-ng", "-z", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw.name, text],
+                       check=True)
         audio = read_audio(raw.name, RATE)  # decoded with soundfile, resampled with soxr
     soundfile.write(path, audio, RATE, subtype="PCM_16")
 

@@ -94,9 +94,10 @@ def plot(results, path):
         evals = [r for r in run_["log"] if "eval_cer" in r]
         label = f"({run_['variant']}) seed {run_['seed']}"
         dash = "-" if run_["seed"] == results["seeds"][0] else "--"
-        axes[1].plot([r["step"] for r in train_log], [r["loss"] for r in train_log], dash, color=styles[run_["variant"]],
+        color = styles[run_["variant"]]
+        axes[1].plot([r["step"] for r in train_log], [r["loss"] for r in train_log], dash, color=color,
                      label=label)
-        axes[2].plot([r["step"] for r in evals], [r["eval_cer"] for r in evals], dash + "o", color=styles[run_["variant"]],
+        axes[2].plot([r["step"] for r in evals], [r["eval_cer"] for r in evals], dash + "o", color=color,
                      label=label, markersize=3)
     axes[1].set(title="fine-tuning: CTC loss / character", xlabel="step", yscale="log")
     axes[2].set(title="held-out voice: CER", xlabel="step", ylim=(0, 1.05))
@@ -166,11 +167,13 @@ def main(argv=None):
         outs = [os.path.join(args.work, f"{variant}_seed{seed}") for variant, _ in variants]
         started, processes = time.time(), []
         for (variant, extra), out in zip(variants, outs):
-            command = py + ["unispeech.finetune", "--checkpoint", pre_dir, "--train", os.path.join(corpus, "train.jsonl"),
+            command = py + ["unispeech.finetune", "--checkpoint", pre_dir,
+                            "--train", os.path.join(corpus, "train.jsonl"),
                             "--eval", os.path.join(corpus, "heldout.jsonl"), "--steps", str(size["finetune_steps"]),
                             "--lr", "5e-4", "--freeze-feature-encoder-steps", str(size["finetune_steps"] // 5),
                             "--eval-every", str(size["finetune_steps"] // 5), "--seed", str(seed),
-                            "--set", "mask_time_prob=0.1", "--output-dir", out, "--batch-size", str(size["batch"])] + common + extra
+                            "--set", "mask_time_prob=0.1", "--output-dir", out,
+                            "--batch-size", str(size["batch"])] + common + extra
             processes.append(start(command, out + ".log"))
             commands.append(" ".join(command[1:]))
         walls = wait(processes, [o + ".log" for o in outs], started)

@@ -30,8 +30,8 @@ from torch import nn
 from .checkpoint import (full_model_state, latest_checkpoint, load_training_checkpoint,
                          save_training_checkpoint, seed_everything)
 from .cli import autocast_dtype
-from .data import collate
-from .distributed import Runtime, all_reduce_sum, gradient_sync, is_sharded, wrap
+from .data import BadInput, collate
+from .distributed import Runtime, all_reduce_sum, gradient_sync, init_runtime, is_sharded, shutdown, wrap
 from .schedule import tri_stage_scheduler
 
 LOG_NAME = "log.jsonl"
@@ -219,3 +219,16 @@ class Trainer:
             recipe.write_model(args.output_dir, state)
         self.say(f"saved {args.output_dir}")
         return record
+
+
+def run_recipe(parse_args: Callable, build: Callable, argv=None) -> dict:
+    """A recipe's main: parse the flags, join the process group, build (recipe, dataset, sampler),
+    train, leave the group; bad data ends the run with its message."""
+    args = parse_args(argv)
+    runtime = init_runtime(args.device)
+    try:
+        return Trainer(args, runtime, *build(args, runtime)).run()
+    except BadInput as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        shutdown(runtime)
