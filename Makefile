@@ -60,7 +60,7 @@ wheels:
 
 # proof that the recipes learn speech (not part of `make test`; ~30 min on 2 CPU cores): an espeak-ng
 # corpus, pre-training, fine-tuning from it / from random weights / in transformers, 2 seeds;
-# results into bench/results/learning_<date>.{json,md,png}. LEARN_SIZE=gpu: the larger configuration
+# results into bench/results/learning/learning_<date>.{json,md,png}. LEARN_SIZE=gpu: the larger configuration
 learn: $(STAMP)
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
 	$(PY) -m bench.learning.run --size $(or $(LEARN_SIZE),cpu)

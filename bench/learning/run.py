@@ -8,7 +8,7 @@
    from random weights, same recipe and steps; (d) transformers' UniSpeechForCTC loaded from (a),
    same recipe;
 4. CER / WER of the held-out voice's held-out sentences, loss curves (PNG), wall times, written
-   to bench/results/learning_<date>.{json,md,png}.
+   to bench/results/learning/learning_<date>.{json,md,png}.
 Every step is the recipe's command line, printed before it runs. ``--size gpu`` is the larger
 configuration for a GPU machine (more sentences, a wider and deeper model, more steps).
 """
@@ -35,7 +35,7 @@ SIZES = {
                 conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2), pretrain_steps=3000,
                 finetune_steps=2000, batch=16, processes=1, device="cuda"),
 }
-RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "results", "learning")
 
 
 def model_config(size: dict) -> UniSpeechConfig:
@@ -123,6 +123,12 @@ def markdown(results):
     for r in results["finetune"]:
         lines.append(f"| ({r['variant']}) {NAMES[r['variant']]} | {r['seed']} | {r['cer']:.3f} | {r['wer']:.3f} | "
                      f"{r['train_loss']:.3f} | {r['wall_s']:.0f} |")
+    lines += ["", "Per variant over the seeds (the seed-to-seed spread is the run-to-run noise):", ""]
+    for variant in NAMES:
+        cers = [r["cer"] for r in results["finetune"] if r["variant"] == variant]
+        wers = [r["wer"] for r in results["finetune"] if r["variant"] == variant]
+        lines.append(f"- ({variant}) {NAMES[variant]}: CER mean {sum(cers) / len(cers):.3f} (spread "
+                     f"{max(cers) - min(cers):.3f}), WER mean {sum(wers) / len(wers):.3f}")
     lines += ["", "Commands (in order):", "```"] + results["commands"] + ["```", ""]
     return "\n".join(lines)
 
@@ -165,7 +171,7 @@ def main(argv=None):
     variants = (("b", []), ("c", ["--from-scratch"]), ("d", ["--implementation", "transformers"]))
     for seed in args.seeds:  # the three variants of a seed run side by side, one process each
         outs = [os.path.join(args.work, f"{variant}_seed{seed}") for variant, _ in variants]
-        started, processes = time.time(), []
+        seed_started, processes = time.time(), []
         for (variant, extra), out in zip(variants, outs):
             command = py + ["unispeech.finetune", "--checkpoint", pre_dir,
                             "--train", os.path.join(corpus, "train.jsonl"),
@@ -176,7 +182,7 @@ def main(argv=None):
                             "--batch-size", str(size["batch"])] + common + extra
             processes.append(start(command, out + ".log"))
             commands.append(" ".join(command[1:]))
-        walls = wait(processes, [o + ".log" for o in outs], started)
+        walls = wait(processes, [o + ".log" for o in outs], seed_started)
         for (variant, _), out, wall in zip(variants, outs, walls):
             log = read_log(out)
             last_eval = [r for r in log if "eval_cer" in r][-1]
