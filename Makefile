@@ -6,7 +6,11 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
+<<<<<<< HEAD
 .PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels clean
+=======
+.PHONY: install run test check-kernels bench bench-cpu gpu-check report wheels learn clean
+>>>>>>> train
 
 install: $(STAMP)
 
@@ -73,6 +77,13 @@ report:
 # wheels gpu-check installs when the GPU machine lacks them; carry .wheels/ there (it is git-ignored)
 wheels:
 	python3 -m pip download -q --no-deps -d .wheels pytest-benchmark py-cpuinfo
+
+# proof that the recipes learn speech (not part of `make test`; ~30 min on 2 CPU cores): an espeak-ng
+# corpus, pre-training, fine-tuning from it / from random weights / in transformers, 2 seeds;
+# results into bench/results/learning/learning_<date>.{json,md,png}. LEARN_SIZE=gpu: the larger configuration
+learn: $(STAMP)
+	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	$(PY) -m bench.learning.run --size $(or $(LEARN_SIZE),cpu)
 
 clean:
 	rm -rf $(VENV) build *.egg-info unispeech_kernels/_C*.so unispeech_kernels/_build_info.json

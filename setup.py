@@ -65,6 +65,7 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
+TRAIN_REQUIRES = ["soundfile", "soxr", "tqdm"]
 
 setup(
     name="unispeech-kernels",
@@ -76,7 +77,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "test": ["triton>=3.1", "pytest", "pytest-benchmark", "transformers>=5.23", "matplotlib", "ruff"],
+        # the training recipes (unispeech.pretrain / unispeech.finetune): audio decoding, resampling, progress bars
+        "train": TRAIN_REQUIRES,
+        "test": ["triton>=3.1", "pytest", "pytest-benchmark", "transformers>=5.23", "matplotlib", "ruff",
+                 *TRAIN_REQUIRES],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -21,6 +21,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 

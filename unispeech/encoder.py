@@ -17,6 +17,10 @@ exactly as in transformers; frames past an utterance's length are zero in the la
 (transformers leaves values there that depend on the padding and that nothing real attends to).
 Activation checkpointing (``checkpointing``, set by the model's activation_checkpointing_enable)
 recomputes whole layers in the backward pass of training.
+LayerDrop draws from the global torch generator, as transformers does, or from
+``layerdrop_generator`` when one is set: the training recipes seed it by step on every rank, so all
+ranks drop the same layers, and then a dropped layer's parameters get zero gradients (not none),
+so DDP finds every parameter used without ``find_unused_parameters``.
 """
 from __future__ import annotations
 
@@ -72,6 +76,19 @@ class UniSpeechPositionalConvEmbedding(nn.Module):
         return unispeech_kernels.pos_conv_embed(
             hidden, self.weight(), self.conv.bias, groups=cfg.num_conv_pos_embedding_groups,
             activation=cfg.feat_extract_activation, backend=kernel_backend(cfg, "pos_conv"))
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Identity on ``hidden``; zero gradients for ``params`` (the parameters of a dropped layer)."""
+
+    @staticmethod
+    def forward(ctx, hidden, *params):
+        ctx.params = params
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + tuple(torch.zeros_like(p) for p in ctx.params)
 
 
 class FramePacking:
@@ -242,6 +259,8 @@ class UniSpeechEncoder(nn.Module):
         self.record_skipped_layers = False
         # (checkpoint function, every n-th layer) while activation checkpointing is on, else None
         self.checkpointing: Optional[Tuple[Callable, int]] = None
+        # LayerDrop's generator, the same on every rank (see the module docstring); None: global
+        self.layerdrop_generator: Optional[torch.Generator] = None
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], output_attentions=False,
                 output_hidden_states=False, lengths: Optional[List[int]] = None
@@ -264,7 +283,9 @@ class UniSpeechEncoder(nn.Module):
         layerdrop = self.config.layerdrop if self.training else 0.0
         recompute = self.checkpointing if self.training and torch.is_grad_enabled() else None
         for i, layer in enumerate(self.layers):
-            if layerdrop > 0.0 and torch.rand([]) < layerdrop:
+            if layerdrop > 0.0 and torch.rand([], generator=self.layerdrop_generator) < layerdrop:
+                if self.layerdrop_generator is not None:
+                    hidden = _ZeroGradients.apply(hidden, *(p for p in layer.parameters() if p.requires_grad))
                 if output_hidden_states and self.record_skipped_layers:
                     all_hidden.extend([first if not all_hidden else all_hidden[-1]] * (2 - bool(all_hidden)))
                 continue

@@ -4,8 +4,8 @@ Shapes: returns a bool numpy array [B, L] (True = masked). For each row, ``mask_
 mask_length`` spans (probabilistically rounded with one shared uniform draw, at least
 ``min_masks``, at most what fits) of ``mask_length`` frames start at distinct random positions
 within the row's real length (from ``attention_mask``); spans may overlap. Randomness comes from
-numpy's global generator and is drawn in the same order as transformers', so equal numpy seeds
-give equal masks.
+numpy's global generator (or ``random_state``, a ``np.random.RandomState``) and is drawn in the
+same order as transformers', so equal numpy seeds give equal masks.
 """
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import torch
 
 
 def compute_mask_indices(shape: Tuple[int, int], mask_prob: float, mask_length: int,
-                         attention_mask: Optional[torch.Tensor] = None, min_masks: int = 0) -> np.ndarray:
+                         attention_mask: Optional[torch.Tensor] = None, min_masks: int = 0,
+                         random_state: Optional[np.random.RandomState] = None) -> np.ndarray:
     batch_size, seq_len = shape
     if mask_length < 1:
         raise ValueError(f"mask_length must be >= 1, got {mask_length}")
     if mask_length > seq_len:
         raise ValueError(f"mask_length {mask_length} is longer than the sequence ({seq_len} frames)")
-    rounding = np.random.rand(1).item()
+    random = np.random if random_state is None else random_state
+    rounding = random.rand(1).item()
 
     def num_spans(length: int) -> int:
         n = max(int(mask_prob * length / mask_length + rounding), min_masks)
@@ -38,7 +40,7 @@ def compute_mask_indices(shape: Tuple[int, int], mask_prob: float, mask_length: 
     starts = np.empty((batch_size, max_spans), dtype=np.int64)
     for b, length in enumerate(lengths):
         n = num_spans(length)
-        chosen = np.random.choice(np.arange(length - (mask_length - 1)), n, replace=False)
+        chosen = random.choice(np.arange(length - (mask_length - 1)), n, replace=False)
         # rows with fewer spans repeat one start (or mark the last, padded, frame) to fill the array
         filler = chosen[0] if n else seq_len - 1
         starts[b, :n] = chosen

@@ -1,197 +1,179 @@
-"""Pre-train a tiny UniSpeech model: ``python -m unispeech.pretrain --help``.
+"""UniSpeech pre-training: ``python -m unispeech.pretrain --help``; under ``torchrun`` on many GPUs / nodes.
 
-Data: a folder of .wav files (read with the standard library's ``wave`` + numpy: PCM 8/16/24/32-bit,
-any channel count (averaged), any rate (linearly resampled to 16 kHz); unlabeled, so no CTC term),
-or synthetic audio (``--synthetic N``): each utterance is a sequence of "phonemes", phoneme p being
-a tone of its own pitch, labelled, so all four losses are active. Every step logs the total,
-contrastive, diversity and CTC losses and the Gumbel temperature (decayed with the authors'
-schedule); the end writes a checkpoint with ``save_pretrained`` that ``from_pretrained`` loads.
-Batches: B utterances cropped at random to at most ``--seconds`` and right-padded (attention mask).
+The full UniSpeech objective (contrastive + diversity on masked frames, phonetic CTC: see
+unispeech.pretraining). Data: a folder of audio files (``--audio-dir``: unlabeled, so no CTC
+term; long files are cropped at random to --max-seconds), a manifest whose utterances carry
+phonemes (``--train``: labelled, the CTC branch learns them; the phoneme inventory is saved as
+phonemes.json), or synthetic tone "phonemes" (``--synthetic N``). Model: a config.json
+(``--config``) or a small model from the size flags. The mask and the negatives of an utterance
+are drawn from (seed, step, utterance), so they do not depend on its batch, rank or world size;
+the Gumbel temperature decays with the authors' schedule. The loss is normalised by the global
+number of masked frames (unispeech.training.loop). The output folder (and every checkpoint-<step>)
+holds a ``save_pretrained`` checkpoint that UniSpeechForPreTraining.from_pretrained and
+``python -m unispeech.finetune --checkpoint`` load.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
-import time
-import wave
-from typing import List, Optional, Tuple
+from typing import List
 
 import numpy as np
 import torch
 
 from .configuration import UniSpeechConfig
 from .heads import UniSpeechForPreTraining
-from .pretraining import gumbel_temperature
+from .masking import compute_mask_indices
+from .pretraining import gumbel_temperature, sample_negative_indices
+from .training.audio import RATE
+from .training.checkpoint import seed_everything
+from .training.cli import add_training_arguments, apply_overrides, check_training_arguments
+from .training.data import (Checks, Utterance, UtteranceDataset, check_utterances, phoneme_labeler,
+                            phoneme_vocabulary, read_utterances, samples_for_frames)
+from .training.loop import Recipe, StepResult, derived_seed, run_recipe
+from .training.sampler import BucketBatchSampler
 
-RATE = 16_000
+PHONEMES_NAME = "phonemes.json"
 PHONEME_SECONDS = 0.08  # synthetic phoneme duration
 
 
-def read_wav(path: str) -> np.ndarray:
-    """Mono float32 at 16 kHz, zero mean and unit variance (as the feature extractor normalises)."""
-    with wave.open(path, "rb") as f:
-        channels, width, rate, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-        raw = f.readframes(n)
-    if width == 1:
-        audio = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        audio = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        audio = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 8388608.0
-    elif width == 4:
-        audio = np.frombuffer(raw, dtype="<i4").astype(np.float32) / 2147483648.0
-    else:
-        raise ValueError(f"{path}: unsupported sample width {width} bytes")
-    audio = audio.reshape(-1, channels).mean(1)
-    if rate != RATE:
-        t_out = np.arange(int(len(audio) * RATE / rate)) / RATE
-        audio = np.interp(t_out, np.arange(len(audio)) / rate, audio).astype(np.float32)
-    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
-
-
-def load_folder(folder: str) -> List[Tuple[np.ndarray, None]]:
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(".wav"))
-    if not paths:
-        raise SystemExit(f"no .wav files in {folder}")
-    return [(read_wav(p), None) for p in paths]
-
-
-def synthetic(count: int, num_phonemes: int, blank: int, rng: np.random.Generator, seconds: float):
-    """Utterances of random tone "phonemes" (never the blank id) and their labels."""
-    phonemes = [p for p in range(num_phonemes) if p != blank]
+def synthetic(count: int, num_phonemes: int, seconds: float, rng: np.random.Generator) -> List[Utterance]:
+    """Utterances of random tone "phonemes" t1, t2, ... (tone p at 200 + 60 p Hz) with their labels."""
     step = int(PHONEME_SECONDS * RATE)
+    t = np.arange(step) / RATE
     out = []
-    for _ in range(count):
-        labels = rng.choice(phonemes, size=max(2, int(seconds / PHONEME_SECONDS * rng.uniform(0.5, 1.0))))
-        t = np.arange(step) / RATE
+    for i in range(count):
+        labels = rng.integers(1, num_phonemes, size=max(2, int(seconds / PHONEME_SECONDS * rng.uniform(0.5, 1.0))))
         audio = np.concatenate([np.sin(2 * np.pi * (200.0 + 60.0 * p) * t) for p in labels])
-        audio = audio + 0.05 * rng.standard_normal(len(audio))
-        out.append((((audio - audio.mean()) / audio.std()).astype(np.float32), labels.astype(np.int64)))
+        audio = (audio + 0.05 * rng.standard_normal(len(audio))).astype(np.float32)
+        out.append(Utterance(f"synthetic utterance {i}", None, phonemes=[f"t{p}" for p in labels], audio=audio))
     return out
 
 
-def make_batch(items, max_samples: int, rng: np.random.Generator):
-    """Random crops (labelled synthetic items are not cropped: labels must stay aligned)."""
-    crops = []
-    for audio, labels in items:
-        if labels is None and len(audio) > max_samples:
-            start = int(rng.integers(0, len(audio) - max_samples + 1))
-            audio = audio[start:start + max_samples]
-        crops.append((audio, labels))
-    width = max(len(a) for a, _ in crops)
-    x = torch.zeros(len(crops), width)
-    mask = torch.zeros(len(crops), width, dtype=torch.long)
-    for i, (audio, _) in enumerate(crops):
-        x[i, :len(audio)] = torch.from_numpy(audio)
-        mask[i, :len(audio)] = 1
-    labels = None
-    if all(lab is not None for _, lab in crops):
-        labels = torch.full((len(crops), max(len(lab) for _, lab in crops)), -100, dtype=torch.long)
-        for i, (_, lab) in enumerate(crops):
-            labels[i, :len(lab)] = torch.from_numpy(lab)
-    return x, mask, labels
-
-
-def tiny_config(args) -> UniSpeechConfig:
+def small_config(args) -> UniSpeechConfig:
+    """A small model: 7 convs of --conv-dim channels, --layers x --hidden-size, 4 heads."""
     return UniSpeechConfig(
         hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
-        intermediate_size=4 * args.hidden_size, conv_dim=(64,) * 7, num_conv_pos_embeddings=32,
+        intermediate_size=4 * args.hidden_size, conv_dim=(args.conv_dim,) * 7, num_conv_pos_embeddings=32,
         num_conv_pos_embedding_groups=4, num_codevectors_per_group=32, num_codevector_groups=2,
-        codevector_dim=64, proj_codevector_dim=64, num_negatives=20, num_ctc_classes=args.num_phonemes,
-        mask_time_prob=0.5, mask_time_length=5, hidden_dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, final_dropout=0.0, layerdrop=0.0, pad_token_id=0,
-        pretraining_ctc_weight=args.ctc_weight, kernel_backend=args.kernel_backend,
-    )
+        codevector_dim=64, proj_codevector_dim=64, num_negatives=20, mask_time_prob=0.5, mask_time_length=5,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, final_dropout=0.0, layerdrop=0.0,
+        pad_token_id=0)
 
 
-class Progress:
-    """tqdm when it is installed, else one plain line every ``every`` steps."""
-
-    def __init__(self, total: int, every: int):
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="step")
-        except ImportError:
-            self.bar = None
-        self.total, self.every, self.start = total, every, time.time()
-
-    def update(self, step: int, text: str):
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-            self.bar.update(1)
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total} [{time.time() - self.start:.0f}s] {text}", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _value(x: Optional[torch.Tensor]) -> str:
-    return "-" if x is None else f"{x.item():.3f}"
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m unispeech.pretrain",
-                                description="Pre-train a tiny UniSpeech model (the full UniSpeech objective) on "
-                                            "local .wav files or synthetic audio.",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unispeech.pretrain", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_mutually_exclusive_group(required=True)
+    data = p.add_argument_group("data").add_mutually_exclusive_group(required=True)
     data.add_argument("--audio-dir", help="folder of .wav files (unlabeled: no CTC term)")
+    data.add_argument("--train", help="manifest (.tsv / .jsonl) whose utterances carry phonemes (labelled)")
     data.add_argument("--synthetic", type=int, metavar="N", help="N synthetic labelled utterances")
-    p.add_argument("--output-dir", required=True, help="checkpoint folder (save_pretrained)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="utterances per step")
-    p.add_argument("--seconds", type=float, default=2.0, help="longest crop / synthetic utterance")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
-    p.add_argument("--hidden-size", type=int, default=64, help="model width (4 heads)")
-    p.add_argument("--layers", type=int, default=2, help="transformer layers")
-    p.add_argument("--num-phonemes", type=int, default=12, help="CTC classes (blank = 0 included)")
-    p.add_argument("--ctc-weight", type=float, default=0.5, help="alpha of the total loss")
-    p.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
-                   help="unispeech_kernels backend of the hot spots")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--seed", type=int, default=0, help="seeds data, masks and weights")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines without tqdm")
+    m = p.add_argument_group("model")
+    m.add_argument("--config", default=None, help="config.json (or its folder) of the model (default: the size flags)")
+    m.add_argument("--hidden-size", type=int, default=64, help="small model: width (4 heads)")
+    m.add_argument("--layers", type=int, default=2, help="small model: transformer layers")
+    m.add_argument("--conv-dim", type=int, default=64, help="small model: channels of the 7 feature-encoder convs")
+    m.add_argument("--ctc-weight", type=float, default=0.5, help="alpha: weight of the phonetic CTC term")
+    m.add_argument("--num-phonemes", type=int, default=12, help="--synthetic: tone phonemes (blank included)")
+    m.add_argument("--synthetic-seconds", type=float, default=2.0, help="--synthetic: longest utterance")
+    m.add_argument("--gumbel-start", type=float, default=2.0, help="Gumbel temperature at step 0")
+    m.add_argument("--gumbel-decay", type=float, default=0.999995, help="Gumbel temperature decay per step")
+    m.add_argument("--gumbel-min", type=float, default=0.5, help="lowest Gumbel temperature")
+    add_training_arguments(p, steps=200, lr=5e-4, batch_size=4, warmup=0.1, hold=0.0,
+                           freeze_feature_encoder_steps=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.seconds <= 0:
-        p.error("--steps and --batch-size must be >= 1 and --seconds > 0")
+    check_training_arguments(p, args)
+    if not 0.0 <= args.ctc_weight <= 1.0:
+        p.error("--ctc-weight must be in [0, 1]")
     return args
 
 
-def main(argv=None) -> UniSpeechForPreTraining:
-    args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    np.random.seed(args.seed)  # SpecAugment spans use numpy's global generator
-    torch.manual_seed(args.seed)
-    config = tiny_config(args)
-    blank = config.pad_token_id
-    items = (load_folder(args.audio_dir) if args.audio_dir
-             else synthetic(args.synthetic, args.num_phonemes, blank, rng, args.seconds))
-    model = UniSpeechForPreTraining(config).to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    progress = Progress(args.steps, args.log_every)
-    max_samples = int(args.seconds * RATE)
-    for step in range(1, args.steps + 1):
-        temperature = gumbel_temperature(step - 1)
-        model.set_gumbel_temperature(temperature)
-        picked = [items[i] for i in rng.choice(len(items), size=min(args.batch_size, len(items)), replace=False)]
-        x, mask, labels = make_batch(picked, max_samples, rng)
-        out = model(x.to(args.device), attention_mask=mask.to(args.device),
-                    labels=None if labels is None else labels.to(args.device))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-        progress.update(step, f"loss {_value(out.loss)} contrastive {_value(out.contrastive_loss)} "
-                              f"diversity {_value(out.diversity_loss)} ctc {_value(out.ctc_loss)} "
-                              f"gumbel_temp {temperature:.4f}")
-    progress.close()
-    model.save_pretrained(args.output_dir)
-    print(f"saved {args.output_dir} (UniSpeechForPreTraining.from_pretrained loads it)", file=sys.stderr)
-    return model
+def draw_masks(model, batch, seed: int, step: int):
+    """Per-utterance mask [B, T] and negatives [B, T, K] (flat indices), each from (seed, step, index)."""
+    cfg = model.config
+    lengths = model._get_feat_extract_output_lengths(batch.attention_mask.sum(-1)).tolist()
+    frames = int(model._get_feat_extract_output_lengths(batch.input_values.shape[1]))
+    mask = torch.zeros(len(lengths), frames, dtype=torch.bool)
+    negatives = torch.arange(len(lengths) * frames).view(-1, frames, 1).repeat(1, 1, cfg.num_negatives)
+    for row, (index, n) in enumerate(zip(batch.indices.tolist(), lengths)):
+        random_state = np.random.RandomState(derived_seed(seed, step, index, 3) % 2 ** 32)
+        spans = compute_mask_indices((1, n), cfg.mask_time_prob, cfg.mask_time_length,
+                                     min_masks=cfg.mask_time_min_masks, random_state=random_state)
+        mask[row, :n] = torch.from_numpy(spans[0])
+        generator = torch.Generator().manual_seed(derived_seed(seed, step, index, 4))
+        negatives[row, :n] = sample_negative_indices(mask[row:row + 1, :n], cfg.num_negatives, generator=generator)[0]
+        negatives[row, :n] += row * frames
+    return mask, negatives
+
+
+def build(args, runtime):
+    """(recipe, dataset, sampler) of a run, for ``Trainer``; BadInput for bad data."""
+    say = print if runtime.main else (lambda _: None)
+    seed_everything(args.seed)
+    if args.synthetic:
+        utterances = synthetic(args.synthetic, args.num_phonemes, args.synthetic_seconds,
+                               np.random.default_rng(args.seed))
+    else:
+        utterances = read_utterances(args.audio_dir or args.train)
+    labelled = args.audio_dir is None
+    phonemes = phoneme_vocabulary(utterances) if labelled else None
+    config = UniSpeechConfig.from_pretrained(args.config) if args.config else small_config(args)
+    config.update(dict(pretraining_ctc_weight=args.ctc_weight, num_ctc_classes=len(phonemes) if labelled else 2,
+                       pretraining_ctc_blank_id=0, architectures=None))
+    apply_overrides(config, args.config_overrides)
+    if args.kernel_backend is not None:
+        config.kernel_backend = args.kernel_backend
+    if not config.mask_time_prob > 0:
+        raise SystemExit("pre-training needs masked frames: the config's mask_time_prob must be > 0")
+    model = UniSpeechForPreTraining(config)
+    if not labelled:  # no CTC term: its projection gets no gradient, which DDP must not wait for
+        model.ctc_proj.requires_grad_(False)
+    max_samples = None if args.max_seconds is None else int(args.max_seconds * RATE)
+    checks = Checks(frames=lambda n: int(model._get_feat_extract_output_lengths(n)),
+                    min_samples=samples_for_frames(config, config.mask_time_length),
+                    labeler=phoneme_labeler(phonemes) if labelled else None,
+                    max_samples=max_samples if labelled else None, resample=args.resample)
+    utterances = check_utterances(utterances, checks, args.on_bad_input, say)
+    say(f"{len(utterances)} utterances, {sum(u.samples for u in utterances) / RATE / 3600:.2f} h; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    def before_step(step):
+        model.set_gumbel_temperature(gumbel_temperature(step - 1, args.gumbel_start, args.gumbel_decay,
+                                                        args.gumbel_min))
+
+    def step(wrapped, batch, step_number):
+        mask, negatives = draw_masks(model, batch, args.seed, step_number)
+        out = wrapped(batch.input_values, attention_mask=batch.attention_mask, labels=batch.labels,
+                      mask_time_indices=mask.to(batch.input_values.device),
+                      sampled_negative_indices=negatives.to(batch.input_values.device))
+        real = model._get_feature_vector_attention_mask(mask.shape[1], batch.attention_mask.cpu())
+        masked = float((mask & real).sum())
+        logs = dict(contrastive=(out.contrastive_loss.item(), masked),
+                    diversity=(out.diversity_loss.item() * len(batch.indices), len(batch.indices)))
+        if out.ctc_loss is not None:
+            logs["ctc"] = (out.ctc_loss.item(), len(batch.indices))
+        return StepResult(out.loss, masked, logs)
+
+    def write_model(folder, state):
+        model.save_pretrained(folder, state_dict=state)
+        if labelled:
+            with open(os.path.join(folder, PHONEMES_NAME), "w", encoding="utf-8") as f:
+                json.dump(phonemes, f, indent=1, ensure_ascii=False)
+
+    recipe = Recipe(model, step, write_model, before_step=before_step)
+    sampler = BucketBatchSampler([u.samples for u in utterances], args.batch_size, runtime.world, runtime.rank,
+                                 args.seed, args.shard_batches)
+    return recipe, UtteranceDataset(utterances, None if labelled else max_samples, args.seed), sampler
+
+
+def main(argv=None) -> dict:
+    return run_recipe(parse_args, build, argv)
 
 
 if __name__ == "__main__":
