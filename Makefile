@@ -6,11 +6,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-<<<<<<< HEAD
-.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels clean
-=======
-.PHONY: install run test check-kernels bench bench-cpu gpu-check report wheels learn clean
->>>>>>> train
+.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels learn clean
 
 install: $(STAMP)
 
