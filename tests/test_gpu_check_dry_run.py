@@ -9,6 +9,7 @@ their estimate. The first call is the documented one, the second the documented 
 the rest (bench/results/README.md)."""
 import json
 import os
+import sys
 
 import pytest
 
@@ -89,3 +90,18 @@ def test_second_call_runs_the_matrix_then_the_compile_heavy_baselines(second_cal
     compiled = {r["impl"] for r in doc["rows"] if r["tier"] == "compile"}
     assert compiled <= {"flex", "flex_keys", "compile", "hf_compile"} and "flex" in compiled
     assert check.runner.elapsed() <= check.budget_s
+
+
+def test_a_real_step_is_stopped_at_its_cap_and_a_background_step_reports_its_return_code(tmp_path):
+    """What runs the steps on the GPU machine: SIGINT at the cap (rc 124), output into the log; the
+    background build's return code lands in its file, which the extension's rows wait for."""
+    log = gpu_check.Log(str(tmp_path / "log"))
+    runner = gpu_check.Runner(log)
+    sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    assert runner.run(sleeper, cap_s=2, env=dict(os.environ)) == 124
+    assert runner.elapsed() < 30 and "started" in (tmp_path / "log").read_text()
+    job = runner.background([sys.executable, "-c", "print('built'); raise SystemExit(3)"], 30, dict(os.environ),
+                            str(tmp_path / "build.log"), str(tmp_path / "build.rc"), estimate_s=0.0)
+    runner.wait(job)
+    assert (tmp_path / "build.rc").read_text() == "3" and "built" in (tmp_path / "build.log").read_text()
+    assert job.done_s is not None and job.done_s <= runner.elapsed()
