@@ -6,11 +6,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-<<<<<<< HEAD
-.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels clean
-=======
-.PHONY: install run test check-kernels bench bench-cpu gpu-check report wheels learn clean
->>>>>>> train
+.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels learn clean
 
 install: $(STAMP)
 
@@ -49,9 +45,8 @@ check-kernels: $(STAMP)
 
 # benchmarks (bench/results/README.md). GPU targets use the system python3 (BENCH_PY), never a venv.
 BENCH_PY    ?= python3
-BENCH_FILES := bench/test_attention.py bench/test_attention_packed.py bench/test_pos_conv.py \
-               bench/test_first_conv_layer.py bench/test_feature_encoder.py bench/test_e2e.py \
-               bench/test_bench_pretraining.py bench/test_forced_align.py
+# every bench/test_*.py: the profile (bench/cases.py) gives the cases and their order
+BENCH_FILES := bench/
 BENCH_OPTS  := -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds --benchmark-sort=name
 NEWEST      = $$(ls -t bench/results/*.json | head -1)
 
@@ -66,7 +61,8 @@ bench-cpu: $(STAMP)
 	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py bench/test_forced_align.py; s=$$?; \
 	$(PY) -m bench.report --summary $(NEWEST); exit $$s
 
-# on a CUDA machine, no network: build, GPU tests, benchmarks, results + plots, summary (<= 9 min)
+# on a CUDA machine, no network: goal benchmarks, GPU tests, the other benchmarks, report (<= 9 min);
+# `python -m bench.gpu_check --dry-run` runs its orchestration anywhere on estimated times
 gpu-check:
 	bash bench/gpu_check.sh
 

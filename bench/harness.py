@@ -1,33 +1,31 @@
 """Timing, memory and result rows shared by every benchmark file.
 
-How a case is timed (pytest-benchmark is the timer and the single source of the numbers):
+How a case is timed (``Recorder.run``; the device-specific parts are a runtime, bench/runtime.py):
 1. one untimed call (module load, autotuning, torch.compile) -- a backend that cannot run the input
    raises BackendUnavailableError here and becomes an "unavailable" row;
 2. one untimed round to size the run: rounds = target time / round time, clamped (cases.TIMING)
    (on a CPU, when the first call alone already exceeds the target, its time sizes the run);
-3. ``benchmark.pedantic``: warm-up rounds, then the timed rounds. One round calls the op once on
-   EACH of k pre-made input sets (rotating inputs: together they are larger than the GPU's L2, so no
-   call finds its inputs in cache) and then synchronizes the device; the setup before each round
-   synchronizes too, so a round's wall time is exactly its k calls' device time plus launch overhead
-   that does not overlap. Per-call time = round time / k; we report its median, p20 and p80.
-4. peak memory of one more call (on a CPU: of the first call, sparing a multi-second forward): on
-   CUDA ``torch.cuda.max_memory_allocated`` during the call minus
-   what was allocated before it (inputs, weights and the other input sets excluded); on CPU the
-   growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the
-   call) over the resident set before it (after malloc_trim, so pages freed by earlier cases do not
-   hide this call's growth) -- tracemalloc does not see torch's allocations. Where the
-   reset is refused, ru_maxrss growth is used, which reads 0 when an earlier case peaked higher.
+3. warm-up rounds, then the timed rounds, driven by pytest-benchmark's ``pedantic`` (its table in
+   the console; the rows' numbers are the runtime's clock, read by ``time_rounds``). One round calls
+   the op once on EACH of k pre-made input sets (rotating inputs: together they are larger than the
+   GPU's L2, so no call finds its inputs in cache), starting on an idle device and waited for; on
+   CUDA the round is timed by events around its k calls (device time, launch gaps the GPU waited
+   through included). Per-call time = round time / k; we report its median, p20 and p80;
+4. one more call each for the peak memory and for the SDPA backends it ran (profiler op names);
+5. ours only: the untimed check of the result against a baseline (``verify``);
+6. the same rounds as CUDA-graph replays of the calls, one graph per input set (``graph_*_ms``),
+   or ``graph_error`` saying why the op cannot be captured (a host sync, a CPU, a failed capture).
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
+import importlib
+import importlib.metadata
 import math
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -40,13 +38,16 @@ import torch
 
 from . import physics
 from .cases import TIMING
+from .runtime import RUNTIMES, GraphUnavailable, first_line
 from .report import OUR_IMPLS  # ours (verified; a failure fails the run), everything else a baseline
 
-try:
-    from unispeech_kernels import BackendUnavailableError
-except Exception:  # the suite still times the baselines when our package does not import
-    class BackendUnavailableError(RuntimeError):
-        pass
+
+def unavailable_errors() -> tuple:
+    """Our dispatcher's BackendUnavailableError once our package is loaded (the cases import it; until
+    then nothing can raise it), so the harness times baselines even where it does not import, and a
+    dry run never loads it."""
+    dispatch = sys.modules.get("unispeech_kernels.dispatch")
+    return (dispatch.BackendUnavailableError,) if dispatch is not None else ()
 
 
 def cpu_name() -> str:
@@ -78,10 +79,11 @@ def git_commit(root: str) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def _version(module: str) -> Optional[str]:
+def _version(package: str) -> Optional[str]:
+    """The installed version, read without importing the package."""
     try:
-        return __import__(module).__version__
-    except Exception:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -167,57 +169,46 @@ def verify_real_frames(fn: Callable, reference: Callable, inputs: tuple, frames:
                                  [ref[b, :n] for b, n in enumerate(frames)]), "vs": vs}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_rounds(call_all: Callable[[], None], rounds: int, runtime, drive=None) -> list:
+    """Seconds of each of ``rounds`` rounds of ``call_all()``, read with the runtime's clock (CUDA
+    events on a GPU) around the calls; every round starts on a synchronised device and is waited for
+    (so pytest-benchmark's own wall times, printed in its table, cover the device work too).
+    ``drive(one_round, rounds)`` runs the rounds (pytest-benchmark's pedantic), a plain loop by
+    default. The one timing function of the suite: eager calls and graph replays alike."""
+    marks = []
+
+    def one_round():
+        start = runtime.mark()
+        call_all()
+        end = runtime.mark()
+        runtime.sync()
+        marks.append((start, end))
+
+    runtime.sync()
+    if drive is None:
+        for _ in range(rounds):
+            one_round()
+    else:
+        drive(one_round, rounds)
+    return [runtime.seconds(start, end) for start, end in marks]
 
 
-def _proc_status_mb(key: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+def per_call_ms(round_seconds: Sequence[float], calls_per_round: int) -> tuple:
+    """(median, p20, p80) milliseconds per call of timed rounds."""
+    per_call = 1e3 * np.asarray(round_seconds) / calls_per_round
+    return float(np.median(per_call)), float(np.percentile(per_call, 20)), float(np.percentile(per_call, 80))
 
 
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS so the resident set before a call is its live memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Extra memory one call needs at its peak (see the module docstring)."""
-    if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        del out
-        return (peak - before) / 2**20
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        before = _proc_status_mb("VmRSS")
-        out = fn()
-        peak = _proc_status_mb("VmHWM")
-        del out
-        if before is not None and peak is not None:
-            return max(0.0, peak - before)
-    except OSError:
-        pass
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out = fn()
-    del out
-    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before)
+def await_extension_build(rc_path: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Block until bench/gpu_check.py's background build of the CUDA extension has written its return
+    code to ``rc_path`` (at most ``timeout_s``), then forget a load that failed before it finished
+    (the loader remembers "not built"), so the extension's rows find what was built."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(rc_path) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    importlib.invalidate_caches()
+    from unispeech_kernels import _cuda
+    _cuda.load.cache_clear()
 
 
 def input_set_count(set_bytes: float, device: torch.device, max_sets: int = 32) -> int:
@@ -255,36 +246,50 @@ class Case:
 
 
 class Recorder:
-    """Session state: collected rows, device facts, the time budget and progress lines."""
+    """Session state: collected rows, device facts, the time budget and progress lines.
+    ``runtime``: the device runtime for every case (default: the one of each case's device; the dry
+    run's DryRuntime). ``extension_ready``: called before the first row of the CUDA extension's
+    kernels (impl "cuda"), which waits for bench/gpu_check.py's background build of it."""
 
     def __init__(self, root: str, budget_s: Optional[float], total_cases: int,
-                 emit: Callable[[str], None] = lambda line: print(line, file=sys.__stderr__, flush=True)):
+                 emit: Callable[[str], None] = lambda line: print(line, file=sys.__stderr__, flush=True),
+                 runtime=None, extension_ready: Optional[Callable[[], None]] = None):
         self.root = root
         self.emit = emit  # writes one progress line past pytest's output capture
+        self.runtime = runtime
+        self.clock = runtime.now if runtime is not None else time.monotonic
+        self.extension_ready = extension_ready
         self.info = device_info(root)
         self.peak = physics.peak_for(self.info["device"]) if self.info["device_type"] == "cuda" else None
         self.rows: list[dict] = []
-        self.start = time.time()
+        self.start = self.clock()
         self.budget_s = budget_s
         self.total = total_cases
         self.done = 0
+        self.tier = None  # the profile tier of the case being run (bench/conftest.py sets it)
 
     def elapsed(self) -> float:
-        return time.time() - self.start
+        return self.clock() - self.start
 
     def add(self, case: Case, row: dict) -> None:
+        if self.tier is not None:
+            row["tier"] = self.tier
         self.rows.append(row)
         self.done += 1
         if row["error"]:
             what = row["error"]
         else:
             what = f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})"
+            if row.get("graph_median_ms") is not None:
+                what += f", graph {row['graph_median_ms']:.3f} ms"
             if row["tflops"] is not None:
                 what += f", {row['tflops']:.3g} TFLOP/s"
             if row["pct_of_peak"] is not None:
                 what += f", {row['pct_of_peak']:.0f}% of floor"
             if row["peak_mem_mb"] is not None:
                 what += f", {row['peak_mem_mb']:.0f} MB"
+            if row.get("sdpa_backend"):
+                what += f", SDPA {row['sdpa_backend']}"
             if row.get("rel_diff") is not None:
                 what += f", rel diff {row['rel_diff']:.1e} vs {row['vs']}"
         line = (f"[{self.done:>3}/{self.total} {self.elapsed():6.0f}s] {case.op} {case.shape} {case.dtype_name} "
@@ -305,41 +310,50 @@ class Recorder:
         if self.over_budget():
             self.add(case, case.row(error=f"skipped: time budget of {self.budget_s:.0f} s used up"))
             pytest.skip("benchmark time budget used up")
+        if case.impl == "cuda" and self.extension_ready is not None:
+            self.extension_ready()
+            self.extension_ready = None
+        rt = self.runtime or RUNTIMES[device.type]()
+        knobs = rt.knobs
         benchmark.group = f"{case.op} {case.dtype_name} {case.shape}"
         benchmark.extra_info.update(op=case.op, impl=case.impl, calls_per_round=len(input_sets))
-        knobs = TIMING[device.type]
 
-        def one_round():
+        def call_all():
             for s in input_sets:
                 fn(*s)
-            sync(device)
 
         try:
-            t0 = time.perf_counter()
-            if device.type == "cpu":  # a CPU forward takes seconds: the warm-up call is measured too
-                mem = peak_memory_mb(lambda: fn(*input_sets[0]), device)
+            t0 = rt.now()
+            if rt.measures_first_call:  # seconds per call: the warm-up call is measured too
+                mem = rt.peak_memory_mb(lambda: fn(*input_sets[0]))
             else:
                 fn(*input_sets[0])  # compile / autotune / load, untimed
-                sync(device)
-            round_s = (time.perf_counter() - t0) * len(input_sets)
-            if device.type == "cuda" or round_s < knobs["target_s"]:
-                t0 = time.perf_counter()
-                one_round()
-                round_s = time.perf_counter() - t0
+                rt.sync()
+            round_s = (rt.now() - t0) * len(input_sets)
+            if not rt.measures_first_call or round_s < knobs["target_s"]:
+                t0 = rt.now()
+                call_all()
+                rt.sync()
+                round_s = rt.now() - t0
             rounds = int(min(knobs["max_rounds"], max(knobs["min_rounds"], math.ceil(knobs["target_s"] / round_s))))
-            benchmark.pedantic(one_round, setup=lambda: sync(device), rounds=rounds,
-                               warmup_rounds=knobs["warmup_rounds"])
-            if device.type == "cuda":
-                mem = peak_memory_mb(lambda: fn(*input_sets[0]), device)
+            for _ in range(knobs["warmup_rounds"]):
+                call_all()
+                rt.sync()
+            eager = time_rounds(call_all, rounds, rt, drive=lambda one_round, n: benchmark.pedantic(
+                one_round, setup=rt.sync, rounds=n))
+            if not rt.measures_first_call:
+                mem = rt.peak_memory_mb(lambda: fn(*input_sets[0]))
+            sdpa = rt.sdpa_backend(lambda: fn(*input_sets[0]))
             if verify is not None and case.impl in OUR_IMPLS:
                 result = dict(verify())
                 tol = result.pop("tol", MATCH_REL_TOL[case.dtype_name])
                 case.extra.update(result, match_tol=tol, outputs_match=result["rel_diff"] <= tol)
-        except BackendUnavailableError as e:
+            graph = self.graph_times(rt, fn, input_sets, rounds)
+        except unavailable_errors() as e:
             self.add(case, case.row(error=f"unavailable: {e}"))
             pytest.skip(f"unavailable: {e}")
         except Exception as e:  # a failed implementation is a row, not a crash of the suite
-            msg = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            msg = f"error: {first_line(e)}"
             self.add(case, case.row(error=msg))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -348,15 +362,32 @@ class Recorder:
             pytest.skip(f"baseline {case.impl} failed: {msg}")
         if benchmark.stats is None:  # --benchmark-disable: nothing was timed
             return
-        per_call = np.asarray(benchmark.stats.stats.data) / len(input_sets)
-        median = float(np.median(per_call))
-        row = case.row(median_ms=1e3 * median, p20_ms=1e3 * float(np.percentile(per_call, 20)),
-                       p80_ms=1e3 * float(np.percentile(per_call, 80)), peak_mem_mb=mem,
-                       rounds=len(per_call), calls_per_round=len(input_sets),
-                       **physics.roofline(case.flops, case.nbytes, median, self.peak, case.dtype_name))
+        median, p20, p80 = per_call_ms(eager, len(input_sets))
+        row = case.row(median_ms=median, p20_ms=p20, p80_ms=p80, peak_mem_mb=mem, timer=rt.timer,
+                       rounds=len(eager), calls_per_round=len(input_sets), sdpa_backend=sdpa, **graph,
+                       **physics.roofline(case.flops, case.nbytes, median / 1e3, self.peak, case.dtype_name))
         if case.extra.get("outputs_match") is False:  # keeps its times, but no speed-up is claimed
             row["error"] = (f"wrong result: rel diff {case.extra['rel_diff']:.2e} vs {case.extra['vs']} "
                             f"> {case.extra['match_tol']:g}")
         self.add(case, row)
         if row["error"]:
             pytest.fail(f"{case.op} {case.impl} {case.shape}: {row['error']}")
+
+    @staticmethod
+    def graph_times(rt, fn: Callable, input_sets: Sequence[tuple], rounds: int) -> dict:
+        """graph_median_ms / graph_p20_ms / graph_p80_ms of the calls replayed as CUDA graphs, the
+        same rounds as the eager timing, and graph_error: None, or why there are no graph times."""
+        none = dict(graph_median_ms=None, graph_p20_ms=None, graph_p80_ms=None)
+        try:
+            replay = rt.capture(fn, input_sets)
+            times = time_rounds(replay, rounds, rt)
+        except GraphUnavailable as e:
+            return dict(none, graph_error=str(e))
+        except Exception as e:  # the capture or a replay failed: the eager row stands
+            return dict(none, graph_error=f"capture failed: {first_line(e)}"[:200])
+        finally:
+            replay = None  # the graphs and their memory pool go
+            if rt.name == "cuda" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        median, p20, p80 = per_call_ms(times, len(input_sets))
+        return dict(graph_median_ms=median, graph_p20_ms=p20, graph_p80_ms=p80, graph_error=None)

@@ -21,7 +21,7 @@ from collections import OrderedDict
 OUR_IMPLS = ("triton", "cuda", "ours", "hf_patched")  # the harness verifies these; a failure fails the run
 OP_ORDER = ("attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd",
             "first_conv_layer_fwd", "feature_encoder_fwd", "pos_conv_fwd",
-            "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step")
+            "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step", "forced_align", "align_e2e")
 
 
 def load(path: str) -> dict:
@@ -50,6 +50,11 @@ def _f(value, fmt="{:.3g}"):
     return "–" if value is None else fmt.format(value)
 
 
+def graph_ms(row) -> str:
+    """The CUDA-graph replay time of a row, "–" where the op could not be captured."""
+    return _f(row.get("graph_median_ms"), "{:.3f}")
+
+
 def header(doc) -> str:
     peak = doc.get("peak")
     ceil = (f"ceilings {peak['tensor_tflops']:g} TFLOP/s bf16/fp16, {peak['tbps']:g} TB/s ({peak['source']})"
@@ -60,15 +65,18 @@ def header(doc) -> str:
     if measured:
         ceil += (f"; this run measured {measured['bf16_matmul_tflops']:g} TFLOP/s bf16 matmul, "
                  f"{measured['copy_tbps']:g} TB/s copy")
-    return (f"**{doc['device']}** · {doc.get('date', '?')} · commit `{doc.get('commit', '?')}` · torch "
+    timers = sorted({r["timer"] for r in doc["rows"] if r.get("timer")})
+    dry = ("**DRY RUN: estimated times, nothing was measured** · " if doc.get("dry_run") else "")
+    return (f"{dry}**{doc['device']}** · {doc.get('date', '?')} · commit `{doc.get('commit', '?')}` · torch "
             f"{doc.get('torch')} · triton {doc.get('triton')} · CUDA {doc.get('cuda')} · transformers "
-            f"{doc.get('transformers')} · profile {doc.get('profile')} · {ceil}")
+            f"{doc.get('transformers')} · profile {doc.get('profile')} · {ceil}"
+            + (f" · timed with {', '.join(timers)}" if timers else ""))
 
 
 def summary_table(doc) -> str:
     """One line per (op, shape, dtype, our impl): our time, the fastest baseline, the speed-up."""
-    lines = ["| op | shape | dtype | ours | ms | fastest baseline | ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | dtype | ours | ms | graph ms | fastest baseline | ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (op, shape, dtype), impls in groups(doc["rows"]).items():
         baselines = [(r["median_ms"], i) for i, r in impls.items() if i not in OUR_IMPLS and ok(r)]
         best = min(baselines) if baselines else None
@@ -77,14 +85,14 @@ def summary_table(doc) -> str:
             if row is None or (row.get("error") or "").startswith("unavailable"):
                 continue
             if not ok(row):
-                lines.append(f"| {op} | {shape} | {dtype} | {impl} | FAILED: {row['error'][:80]} | | | |")
+                lines.append(f"| {op} | {shape} | {dtype} | {impl} | FAILED: {row['error'][:80]} | | | | |")
                 continue
             b_name, b_ms = (best[1], best[0]) if best else ("–", None)
             speed = f"{b_ms / row['median_ms']:.2f}x" if b_ms else "–"
-            lines.append(f"| {op} | {shape} | {dtype} | {impl} | {row['median_ms']:.3f} | {b_name} | "
+            lines.append(f"| {op} | {shape} | {dtype} | {impl} | {row['median_ms']:.3f} | {graph_ms(row)} | {b_name} | "
                          f"{_f(b_ms, '{:.3f}')} | {speed} |")
     if len(lines) == 2:
-        lines.append("| (no implementation of ours ran) | | | | | | | |")
+        lines.append("| (no implementation of ours ran) | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -99,9 +107,9 @@ def ratio_tables(doc) -> str:
             continue
         baselines = sorted({i for _, impls in entries for i, r in impls.items() if i not in OUR_IMPLS})
         out.append(f"### {op}\n")
-        out.append("| shape | dtype | ours | ms | TFLOP/s | % of floor | peak MB | "
+        out.append("| shape | dtype | ours | ms | graph ms | TFLOP/s | % of floor | peak MB | "
                    + " | ".join(f"vs {b}" for b in baselines) + " |")
-        out.append("|---" * (7 + len(baselines)) + "|")
+        out.append("|---" * (8 + len(baselines)) + "|")
         for (_, shape, dtype), impls in entries:
             for impl in OUR_IMPLS:
                 row = impls.get(impl)
@@ -109,7 +117,8 @@ def ratio_tables(doc) -> str:
                     continue
                 ratios = [f"{impls[b]['median_ms'] / row['median_ms']:.2f}x" if ok(impls.get(b)) else "–"
                           for b in baselines]
-                out.append(f"| {shape} | {dtype} | {impl} | {row['median_ms']:.3f} | {_f(row.get('tflops'))} | "
+                out.append(f"| {shape} | {dtype} | {impl} | {row['median_ms']:.3f} | {graph_ms(row)} | "
+                           f"{_f(row.get('tflops'))} | "
                            f"{_f(row.get('pct_of_peak'), '{:.0f}')} | {_f(row.get('peak_mem_mb'), '{:.0f}')} | "
                            + " | ".join(ratios) + " |")
         out.append("")
@@ -117,8 +126,8 @@ def ratio_tables(doc) -> str:
 
 
 def all_rows_table(doc) -> str:
-    lines = ["| op | shape | dtype | impl | median ms (p20–p80) | TFLOP/s | GB/s | % of floor | peak MB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | dtype | impl | median ms (p20–p80) | graph ms | TFLOP/s | GB/s | % of floor | peak MB | "
+             "SDPA | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (op, shape, dtype), impls in groups(doc["rows"]).items():
         for impl, r in impls.items():
             if ok(r):
@@ -130,10 +139,15 @@ def all_rows_table(doc) -> str:
                         note += f", max abs {r['max_abs_diff']:.1e}"
                     if r.get("outputs_match") is not None:
                         note += " (equal)" if r["outputs_match"] else " (DIFFERENT)"
+                if r.get("graph_error"):
+                    note += ("; " if note else "") + f"no graph: {r['graph_error']}"
             else:
-                t, note = "–", (r.get("error") or "").replace("|", "/")[:160]
-            lines.append(f"| {op} | {shape} | {dtype} | {impl} | {t} | {_f(r.get('tflops'))} | {_f(r.get('gbps'))} | "
-                         f"{_f(r.get('pct_of_peak'), '{:.0f}')} | {_f(r.get('peak_mem_mb'), '{:.0f}')} | {note} |")
+                t, note = "–", (r.get("error") or "")
+            note = note.replace("|", "/")[:240]
+            lines.append(f"| {op} | {shape} | {dtype} | {impl} | {t} | {graph_ms(r)} | {_f(r.get('tflops'))} | "
+                         f"{_f(r.get('gbps'))} | {_f(r.get('pct_of_peak'), '{:.0f}')} | "
+                         f"{_f(r.get('peak_mem_mb'), '{:.0f}')} | "
+                         f"{r.get('sdpa_backend') or '–'} | {note} |")
     return "\n".join(lines)
 
 
@@ -159,14 +173,16 @@ def markdown(doc) -> str:
     return "\n\n".join(part for part in [
         f"## Benchmark results: {doc['device']}", header(doc),
         "Speed-up = baseline median / our median (> 1: ours faster). % of floor = max(FLOPs / peak, "
-        "bytes / bandwidth) / measured time, on real (unpadded) work (bench/physics.py).",
+        "bytes / bandwidth) / measured time, on real (unpadded) work (bench/physics.py). graph ms: the "
+        "same calls replayed as CUDA graphs (no launch overhead; – where the op cannot be captured, the "
+        "reason in the row's note). SDPA: the scaled_dot_product_attention backends the call ran.",
         "### Summary", summary_table(doc), ratio_tables(doc), "### Every row", all_rows_table(doc),
         autotune_table(doc)] if part) + "\n"
 
 
 IMPL_COLORS = dict(triton="tab:blue", cuda="tab:purple", ours="tab:blue", torch="tab:gray", sdpa="tab:orange",
-                   flex="tab:green", compile="tab:red", hf_sdpa="tab:orange", hf_compile="tab:red",
-                   hf_patched="tab:cyan")
+                   flex="tab:green", flex_keys="tab:brown", compile="tab:red", hf_sdpa="tab:orange",
+                   hf_compile="tab:red", hf_patched="tab:cyan")
 
 
 def plot(doc, path: str) -> str:
@@ -220,8 +236,9 @@ README_START, README_END = "<!-- latest-gpu-results -->", "<!-- /latest-gpu-resu
 def update_readme(doc, results_path: str, readme: str) -> None:
     """Replace the README's section between README_START and README_END with this GPU run's
     header and summary table (what the README shows), naming the results file."""
-    if doc.get("device_type") != "cuda":
-        raise ValueError(f"{results_path}: not a GPU run (device_type {doc.get('device_type')!r})")
+    if doc.get("device_type") != "cuda" or doc.get("dry_run"):
+        raise ValueError(f"{results_path}: not a GPU run (device_type {doc.get('device_type')!r}"
+                         + (", a dry run" if doc.get("dry_run") else "") + ")")
     with open(readme) as f:
         text = f.read()
     if README_START not in text or README_END not in text:

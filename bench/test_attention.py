@@ -4,8 +4,10 @@ Shapes: q, k, v [B, S, H, D] (the model's layout; sdpa / flex / eager get the [B
 views, as transformers passes them); key-padding mask [B, S] from the batch's lengths.
 Impls: triton / cuda = unispeech_kernels.attention(backend=...); sdpa = F.scaled_dot_product_attention
 with a bool mask [B, 1, 1, S]; flex = torch.compile'd FlexAttention with a block mask built from the
-lengths (built once per shape, outside the timing, as a model builds it once for all layers);
-torch = the eager reference (materialised scores, softmax, PV).
+lengths over queries and keys (blocks of padded queries are skipped, as ours skips them), flex_keys =
+the same with keys masked only (how a key-padding mask is usually written); block masks are built once
+per shape, outside the timing, as a model builds one for all layers; torch = the eager reference
+(materialised scores, softmax, PV).
 FLOPs: 4 n^2 H D per sequence of n real frames (bwd 2.5x); bytes: q, k, v, o over real frames
 (bwd: q, k, v, o, dO, dQ, dK, dV). See physics.py.
 """
@@ -20,9 +22,8 @@ import torch.nn.functional as F
 from bench import cases, physics
 from bench.harness import Case, input_set_count, rel_diff
 
-SECTION = cases.section("attention")
-FWD = [(m, s, b, i, lens) for m, s, b, i, lens in cases.expand(SECTION, "fwd")]
-BWD = [(m, s, b, i, lens) for m, s, b, i, lens in cases.expand(SECTION, "bwd")]
+FWD = cases.expand("attention_fwd")
+BWD = cases.expand("attention_bwd")
 
 
 def _id(c):
@@ -46,10 +47,15 @@ def make_impl(impl: str, lengths: torch.Tensor, seq: int):
     if impl == "torch":
         from unispeech_kernels.ops.attention import attention_reference
         return lambda q, k, v, m: attention_reference(q, k, v, m)
-    if impl == "flex":
+    if impl in ("flex", "flex_keys"):
         flex, create_block_mask = _flex()
-        block_mask = create_block_mask(lambda b, h, qi, ki: ki < lengths[b], lengths.shape[0], None, seq, seq,
-                                       device=lengths.device)
+        if impl == "flex":  # padded query rows skipped too, as our kernel skips them
+            def mask_mod(b, h, qi, ki):
+                return (qi < lengths[b]) & (ki < lengths[b])
+        else:
+            def mask_mod(b, h, qi, ki):
+                return ki < lengths[b]
+        block_mask = create_block_mask(mask_mod, lengths.shape[0], None, seq, seq, device=lengths.device)
         return lambda q, k, v, m: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        block_mask=block_mask).transpose(1, 2)
     raise ValueError(f"unknown attention impl {impl!r}")

@@ -20,9 +20,8 @@ from bench import cases
 from bench.harness import input_set_count, rel_diff, verify_same
 from bench.test_attention import _case, _flex, _id, _raise, attention_dims
 
-SECTION = cases.section("attention")
-FWD = cases.expand(SECTION, "packed_fwd")
-BWD = cases.expand(SECTION, "packed_bwd")
+FWD = cases.expand("attention_packed_fwd")
+BWD = cases.expand("attention_packed_bwd")
 
 
 def make_impl(impl: str, lengths: list, device):

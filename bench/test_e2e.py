@@ -27,8 +27,8 @@ import torch
 from bench import cases, physics
 from bench.harness import MATCH_REL_TOL, Case, rel_diff
 
-INFER = cases.expand(cases.section("e2e_inference"))
-TRAIN = cases.expand(cases.section("e2e_ctc_train_step"))
+INFER = cases.expand("e2e_inference")
+TRAIN = cases.expand("e2e_ctc_train_step")
 FP32_REL_TOL = 1e-5
 
 

@@ -17,7 +17,7 @@ import torch
 from bench import cases, physics
 from bench.harness import Case, input_set_count, verify_real_frames
 
-CASES = cases.expand(cases.section("feature_encoder"))
+CASES = cases.expand("feature_encoder_fwd")
 
 
 def _id(c):

@@ -18,7 +18,7 @@ import torch
 from bench import cases, physics
 from bench.harness import Case, input_set_count, verify_real_frames
 
-CASES = cases.expand(cases.section("first_conv_layer"))
+CASES = cases.expand("first_conv_layer_fwd")
 
 
 def _id(c):

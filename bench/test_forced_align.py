@@ -34,8 +34,8 @@ from bench.harness import Case
 
 FRAMES_PER_S, VOCAB, LABELS_PER_S = 50, 32, 15
 SCORE_REL_TOL = 1e-5
-DP_CASES = [(entry, impl) for entry in cases.section("forced_align") for impl in entry["impls"]]
-E2E_CASES = [(entry, model, impl) for entry in cases.section("align_e2e") for model in entry["models"]
+DP_CASES = [(entry, impl) for entry in cases.entries("forced_align") for impl in entry["impls"]]
+E2E_CASES = [(entry, model, impl) for entry in cases.entries("align_e2e") for model in entry["models"]
              for impl in entry["impls"]]
 
 

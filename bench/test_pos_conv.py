@@ -18,9 +18,8 @@ import torch
 from bench import cases, physics
 from bench.harness import Case, input_set_count, verify_same
 
-SECTION = cases.section("pos_conv")
-FWD = cases.expand(SECTION, "fwd")
-FWD_BWD = cases.expand(SECTION, "fwd_bwd")
+FWD = cases.expand("pos_conv_fwd")
+FWD_BWD = cases.expand("pos_conv_fwd_bwd")
 
 
 def _id(c):

@@ -124,27 +124,58 @@ def test_harness_does_not_verify_baselines(benchmark):
 
 
 def test_check_profile_covers_every_goal_shape():
-    """gpu-check's profile measures the project's goal shapes: attention at S 250/500/1000/1500
-    with H 16, D 64 against SDPA and FlexAttention (fwd and bwd), pos conv at T 500/1500 for both
-    models, the first layer's CUDA kernel next to Triton, the feature encoder at 10 and 30 s against
-    eager and torch.compile, and the model against transformers."""
-    check = cases.PROFILES["check"]
-    att = check["attention"]
-    large = cases.MODELS[att["models"][0]]
+    """gpu-check's profile measures the project's goal shapes, the goal rows first: attention at
+    S 1000 (H 16, D 64), padded and packed, fwd and bwd, against SDPA (FlexAttention, masking queries
+    too, in the compile tier) and at S 250/500/1500 after; pos conv at T 1500 (T 500 and base after);
+    the feature encoder at 10 s against eager (30 s and torch.compile after); the model against
+    transformers, large and base, and a fine-tuning step; the first layer's CUDA kernel next to
+    Triton; forced alignment and align() end to end."""
+    goal = [e for e in cases.entries(name="check") if e["tier"] == "goal"]
+    goal_ops = [e["op"] for e in goal]
+    assert goal_ops.index("first_conv_layer_fwd") == len(goal) - 1  # the extension's rows last: it builds meanwhile
+    large = cases.MODELS["large"]
     assert (large["num_attention_heads"], large["hidden_size"] // large["num_attention_heads"]) == (16, 64)
-    assert [max(cases.frame_lengths(cases.batch_lengths(s, 8))) for s in att["seconds"]] == [249, 499, 999, 1499]
-    assert {"triton", "sdpa", "flex"} <= set(att["fwd"]) and {"triton", "flex"} <= set(att["bwd"])
-    pos = check["pos_conv"]
-    assert set(pos["models"]) == {"base", "large"} and \
-        [max(cases.frame_lengths(cases.batch_lengths(s, 8))) for s in pos["seconds"]] == [499, 1499]
-    assert {"cuda", "triton"} <= {c[3] for c in cases.expand(check["first_conv_layer"])}
-    fe = cases.expand(check["feature_encoder"])
-    assert {(c[1], c[3]) for c in fe} >= {(10, "triton"), (10, "torch"), (10, "compile"), (30, "triton"), (30, "torch")}
-    assert {"ours", "hf_sdpa", "hf_compile"} <= {c[3] for c in cases.expand(check["e2e_inference"])}
-    assert {"ours", "hf_sdpa"} <= {c[3] for c in cases.expand(check["e2e_ctc_train_step"])}
-    for name, profile in cases.PROFILES.items():  # every bench file finds its section everywhere
-        assert {"attention", "pos_conv", "first_conv_layer", "feature_encoder", "e2e_inference",
-                "e2e_ctc_train_step"} <= set(profile), name
+    def tier(op, case):
+        return cases.place(op, case, "check")[0]
+
+    for op in ("attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd"):
+        made = cases.expand(op, "check")
+        goal_rows = [(max(cases.frame_lengths(c[4], large)), c[3]) for c in made if tier(op, c) == "goal"]
+        assert goal_rows == [(999, "triton"), (999, "sdpa")], op
+        assert {999, 249, 499, 1499} == {max(cases.frame_lengths(c[4], large)) for c in made}
+        assert cases.place(op, ("large", 20, 8, "flex", None), "check")[0] == "compile"
+    assert {max(cases.frame_lengths(c[4])) for c in cases.expand("pos_conv_fwd", "check")} == {499, 1499}
+    assert {c[0] for c in cases.expand("pos_conv_fwd_bwd", "check")} == {"base", "large"}
+    first = cases.expand("first_conv_layer_fwd", "check")
+    assert {"cuda", "triton", "torch"} <= {c[3] for c in first if tier("first_conv_layer_fwd", c) == "goal"}
+    fe = {(c[1], c[3]): tier("feature_encoder_fwd", c) for c in cases.expand("feature_encoder_fwd", "check")}
+    assert fe[(10, "triton")] == fe[(10, "torch")] == "goal" and fe[(10, "compile")] == fe[(30, "compile")] == "compile"
+    assert fe[(30, "triton")] == fe[(30, "torch")] == "matrix"
+    e2e = {(c[0], c[3]): tier("e2e_inference", c) for c in cases.expand("e2e_inference", "check")}
+    assert all(e2e[(m, i)] == "goal" for m in ("base", "large") for i in ("ours", "hf_sdpa"))
+    assert e2e[("base", "hf_compile")] == e2e[("large", "hf_compile")] == "compile"
+    train = {(c[0], c[3]) for c in cases.expand("e2e_ctc_train_step", "check")}
+    assert train == {("base", "ours"), ("base", "hf_sdpa")}
+    assert {"forced_align", "align_e2e"} <= set(goal_ops)
+    for name, profile in cases.PROFILES.items():  # tiers in order, every entry names an op and impls
+        tiers = [cases.TIERS.index(e.get("tier", "matrix")) for e in profile["entries"]]
+        assert tiers == sorted(tiers), name
+        assert all("impls" in e or e["op"] in ("encoder_forward", "pretraining_loss") for e in profile["entries"]), name
+
+
+def test_place_finds_the_entry_of_every_case():
+    """expand() cases by their shape and impl, (entry, ..., impl) cases by the entry they hold, other
+    ops by their first entry; an op the profile does not list has no place."""
+    check = cases.entries(name="check")
+    for op in {e["op"] for e in check}:
+        for c in cases.expand(op, "check"):
+            tier, index = cases.place(op, c, "check")
+            assert check[index]["op"] == op and cases.made_by(check[index], c)
+    align = cases.entries("forced_align", "check")
+    assert [cases.place("forced_align", (e, "triton"), "check")[0] for e in align] == ["goal", "matrix"]
+    assert cases.place("encoder_forward", None, "check")[0] == "matrix"
+    assert cases.place("no_such_op", None, "check") is None
+    assert cases.expand("attention_fwd", "cpu") == []
 
 
 def _row(op, impl, shape, ms, **kw):
@@ -160,8 +191,10 @@ CANNED = dict(device="NVIDIA H100 80GB HBM3", date="2026-11-24T10:00:00", commit
               measured_ceilings=dict(bf16_matmul_tflops=781.5, copy_tbps=2.98, method="..."),
               peak=dict(name="H100", tensor_tflops=790.0, fp32_tflops=67.0, tbps=3.0, source="measured (design.md)",
                         datasheet_tflops=989.0, datasheet_tbps=3.35),
-              rows=[_row("attention_fwd", "triton", "base S499", 1.0, tflops=300.0, pct_of_peak=38.0),
-                    _row("attention_fwd", "sdpa", "base S499", 2.0),
+              rows=[_row("attention_fwd", "triton", "base S499", 1.0, tflops=300.0, pct_of_peak=38.0,
+                         graph_median_ms=0.8, timer="CUDA events"),
+                    _row("attention_fwd", "sdpa", "base S499", 2.0, sdpa_backend="EFFICIENT_ATTENTION",
+                         graph_error="not capturable, the call synchronises with the host: RuntimeError: x"),
                     _row("attention_fwd", "flex", "base S499", 1.5),
                     _row("attention_fwd", "torch", "base S499", 4.0),
                     _row("attention_fwd", "cuda", "base S499", None, error="unavailable: not built"),
@@ -187,12 +220,18 @@ def test_report_markdown_ratios_and_png(tmp_path, capsys):
     assert "NVIDIA H100 80GB HBM3" in md and "790" in md and "this run measured 781.5 TFLOP/s" in md
     assert "datasheet 989 TFLOP/s, 3.35 TB/s" in md
     # summary: ours vs the fastest baseline
-    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in md
-    assert "| e2e_inference | base B8 10s | bfloat16 | ours | 10.000 | hf_compile | 11.000 | 1.10x |" in md
+    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | 0.800 | flex | 1.500 | 1.50x |" in md
+    assert "| e2e_inference | base B8 10s | bfloat16 | ours | 10.000 | – | hf_compile | 11.000 | 1.10x |" in md
     assert re.search(r"\| feature_encoder_fwd \| base L160000 \| bfloat16 \| triton \| FAILED: error: RuntimeError", md)
     # per-op ratio table: one column per baseline
-    assert "| base S499 | bfloat16 | triton | 1.000 | 300 | 38 | – | 1.50x | 2.00x | 4.00x |" in md
-    assert "| base B8 10s | bfloat16 | ours | 10.000 | – | – | – | 1.10x | 1.20x |" in md
+    assert "| base S499 | bfloat16 | triton | 1.000 | 0.800 | 300 | 38 | – | 1.50x | 2.00x | 4.00x |" in md
+    assert "| base B8 10s | bfloat16 | ours | 10.000 | – | – | – | – | 1.10x | 1.20x |" in md
+    # every row: the graph column, the SDPA backend, why a row has no graph; the clock in the header
+    assert ("| attention_fwd | base S499 | bfloat16 | sdpa | 2.000 (1.800–2.200) | – | – | – | – | – | "
+            "EFFICIENT_ATTENTION | no graph: not capturable, the call synchronises with the host: "
+            "RuntimeError: x |") in md
+    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 (0.900–1.100) | 0.800 | 300 |" in md
+    assert "timed with CUDA events" in md and "DRY RUN" not in md
     assert "unavailable: not built" in md and "rel diff 1.0e-03" in md
     assert "### Autotune picks" in md and "attention_fwd = S_BUCKET, HEAD_DIM + dtypes" in md
     assert "| attention_fwd | BLOCK_M=128, BLOCK_N=64, num_warps=8 | 2 of 3 |" in md
@@ -236,13 +275,16 @@ def test_report_puts_a_gpu_summary_into_the_readme(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old text" not in text
     assert "`results/2026-11-24_nvidia-h100-80gb-hbm3.json`" in text and "NVIDIA H100 80GB HBM3" in text
-    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | flex | 1.500 | 1.50x |" in text
+    assert "| attention_fwd | base S499 | bfloat16 | triton | 1.000 | 0.800 | flex | 1.500 | 1.50x |" in text
     assert report.main([str(path), "--summary", "--no-plot", "--readme", str(readme)]) == 0
     assert readme.read_text() == text  # replacing the section again changes nothing
     cpu = tmp_path / "results" / "cpu.json"
     cpu.write_text(json.dumps(dict(CANNED, device_type="cpu")))
     with pytest.raises(ValueError, match="not a GPU run"):
         report.main([str(cpu), "--no-plot", "--readme", str(readme)])
+    with pytest.raises(ValueError, match="a dry run"):
+        report.update_readme(dict(CANNED, device_type="cuda", dry_run=True), str(path), str(readme))
+    assert "DRY RUN: estimated times" in report.header(dict(CANNED, dry_run=True))
     with pytest.raises(ValueError, match="no <!-- latest-gpu-results -->"):
         report.update_readme(dict(CANNED, device_type="cuda"), str(path), str(path))
 
@@ -290,12 +332,14 @@ GPU_CHECK_ELSEWHERE = {"test_cuda_ext.py", "test_bench_verify.py"}
 
 def test_gpu_check_runs_every_gpu_test_file():
     """A new test file that puts tensors on the GPU must not be forgotten by gpu_check's test step."""
+    from bench import gpu_check
     tests_dir = os.path.join(ROOT, "tests")
     gpu_tensors = re.compile(r"^DEVICE = .*cuda\.is_available\(\)|pytest\.mark\.gpu", re.M)
     on_gpu = {name for name in os.listdir(tests_dir) if name.startswith("test_") and name.endswith(".py")
               and gpu_tensors.search(pathlib.Path(tests_dir, name).read_text())}
-    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
-        listed = set(re.findall(r"tests/(test_\w+\.py)", f.read()))
+    listed = {os.path.basename(path) for path in gpu_check.GPU_TEST_FILES}
     missing = sorted(on_gpu - GPU_CHECK_ELSEWHERE - listed)
-    assert on_gpu - GPU_CHECK_ELSEWHERE <= listed, f"not run by gpu_check: {missing}"
-    assert GPU_CHECK_ELSEWHERE - {"test_bench_verify.py"} <= listed
+    assert not missing, f"not run by gpu_check: {missing}"
+    assert all(os.path.exists(os.path.join(ROOT, path)) for path in gpu_check.GPU_TEST_FILES)
+    with open(os.path.join(ROOT, "bench", "gpu_check.py")) as f:
+        assert "tests/test_cuda_ext.py" in f.read()  # its own step

@@ -28,14 +28,27 @@ def recorder(monkeypatch):
     return harness.Recorder(ROOT, None, 1)
 
 
+def _rendered(rec, row):
+    """The report of the row and a baseline copy of it; its every-row line shows the graph time (or
+    why there is none) and the SDPA backend the call ran."""
+    baseline = dict(row, impl="torch", rel_diff=None, vs=None, outputs_match=None)
+    text = report.markdown(dict(rec.info, date="today", profile="check", rows=[row, baseline]))
+    line = next(line for line in text.splitlines() if line.startswith(f"| {row['op']} | {row['shape']} ")
+                and f"| {row['impl']} | {row['median_ms']:.3f} (" in line)
+    if DEVICE.type == "cpu":
+        assert row["graph_median_ms"] is None and "no graph: CUDA graphs need a CUDA device" in line
+    else:
+        assert (row["graph_median_ms"] is None) == bool(row["graph_error"]), row
+    assert f"| {row['sdpa_backend'] or '–'} |" in line
+    return text
+
+
 def _check(rec):
     """The case's one row: no error, ours matches the baseline, and the report renders it."""
     (row,) = rec.rows
     assert row["error"] is None, row["error"]
     assert row["outputs_match"] is True and row["rel_diff"] < row["match_tol"], row
-    baseline = dict(row, impl="torch", rel_diff=None, vs=None, outputs_match=None)
-    text = report.markdown(dict(rec.info, date="today", profile="check", rows=[row, baseline]))
-    assert f"rel diff {row['rel_diff']:.1e}" in text
+    assert f"rel diff {row['rel_diff']:.1e}" in _rendered(rec, row)
     return row
 
 
@@ -55,7 +68,10 @@ def test_attention_packed_cases(benchmark, recorder, bench, impl):
     (row,) = recorder.rows
     assert row["error"] is None, row["error"]
     if impl == "triton":
-        assert _check(recorder)["vs"] == "sdpa"
+        assert _check(recorder)["vs"] == "sdpa" and row["sdpa_backend"] is None
+    else:  # per-sequence SDPA names the kernel it ran; FlexAttention is not SDPA
+        assert (row["sdpa_backend"] is not None) == (impl == "sdpa"), row["sdpa_backend"]
+        _rendered(recorder, row)
 
 
 def test_attention_packed_baselines_compute_the_same():
