@@ -120,3 +120,13 @@ def first_conv_bias_terms(reference, grad) -> float:
         out = reference()
     (terms,) = torch.autograd.grad(out, outputs[0], grad.to(out.dtype))
     return terms.double().pow(2).sum((0, 2)).sqrt().max().item()
+
+
+def key_bias_terms(name: str, reference_grads: dict):
+    """The magnitude at which a parameter's gradient is judged, for the one that attention zeroes:
+    softmax ignores a shift shared by every key, so ``*.k_proj.bias`` gets 0 in exact arithmetic, a
+    sum of terms the size of those of ``k_proj.weight``'s gradient (the hidden states it multiplies
+    are LayerNorm-scaled, of size ~1). None (max|reference|) for every other parameter."""
+    if not name.endswith("k_proj.bias"):
+        return None
+    return reference_grads[name[:-len("bias")] + "weight"].abs().max().item()
