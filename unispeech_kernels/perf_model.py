@@ -201,7 +201,8 @@ def model_document(specs: list, builds: dict, k: Constants = Constants()) -> dic
         for version, version_builds in builds.items():
             b = dict(version_builds[i])
             if "sass" in b:
-                b["blocks_per_sm"], b["occupancy_limit"] = occupancy(b["regs"], b["smem"], b["num_warps"], devices["H100"])
+                b["blocks_per_sm"], b["occupancy_limit"] = occupancy(b["regs"], b["smem"], b["num_warps"],
+                                                                     devices["H100"])
             entry["builds"][version] = b
         launches = perf_workloads.launches(spec)
         entry["workload"] = None if launches is not None else \

@@ -97,7 +97,7 @@ def kernels_table(doc: dict) -> str:
                          loop["loops"], _num(loop["instr"]), _num(loop["mma"]),
                          "-" if loop["gld"] is None else f"{loop['gld']} ({loop['gld_bytes']})", _num(loop["gst"]),
                          loop["shared"] or "-", _num(loop["bar"]), loop["outside"],
-                         ref["shape"] if ref else kernel["workload"], _num(p.get("time_us")), p.get("bound", "-")])
+                         ref["shape"] if ref else "static only", _num(p.get("time_us")), p.get("bound", "-")])
     return _table(header, rows)
 
 

@@ -36,8 +36,12 @@ ATTENTION_SECONDS = (5, 10, 20, 30)
 POS_CONV_SECONDS = (10, 30)
 ENCODER_SECONDS = (10, 30)
 BF16 = 2
-TARGET_PROGRAMS = 4 * physics.SM90["sms"]  # ops/_triton_helpers.target_programs on an H100 / H200
-NO_WORKLOAD = {"_dropout_mask_kernel": "debug helper (the bool keep-mask for tests), not launched by an op"}
+TARGET_PROGRAMS = 4 * physics.SM90["sms"]  # _runtime.target_programs on an H100 / H200
+NO_WORKLOAD = {
+    "_dropout_mask_kernel": "debug helper (the bool keep-mask for tests), not launched by an op",
+    "_forced_align_kernel": "a sequential dynamic program, one program per utterance: latency, not throughput, "
+                            "decides its time (static numbers only)",
+}
 
 
 def cdiv(a: int, b: int) -> int:
@@ -62,7 +66,7 @@ class Launch:
 
 
 def _split_work(n_tiles: int, other: int):
-    """ops/_triton_helpers.split_work: (splits, tiles per split)."""
+    """ops/_common.split_work: (splits, tiles per split)."""
     splits = max(1, min(n_tiles, cdiv(TARGET_PROGRAMS, max(1, other))))
     per = cdiv(n_tiles, splits)
     return cdiv(n_tiles, per), per
@@ -73,7 +77,7 @@ def _audio(model: str, seconds: int):
     return cases.batch_lengths(seconds, BATCH), cases.MODELS[model]
 
 
-# ---- attention (ops/attention.py attn_fwd, ops/attention_bwd.py attn_bwd) -----------------------------
+# ---- attention (ops/attention.py attn_fwd / attn_bwd) -------------------------------------------------
 def _attention(spec: dict) -> list:
     c, name = spec["constexprs"], spec["fn"].__name__
     d, packed, dropout = c["HEAD_DIM"], c["PACKED"], c.get("HAS_DROPOUT", False)  # preprocess: no flag
@@ -250,7 +254,7 @@ def _first_conv(spec: dict) -> list:
     return out
 
 
-# ---- positional conv (ops/pos_conv.py _launch_conv, ops/pos_conv_bwd.py pos_conv_dw / gelu_bwd) -------
+# ---- positional conv (ops/pos_conv.py _launch_conv, pos_conv_dw, gelu_bwd) ----------------------------
 def _pos_conv(spec: dict) -> list:
     c, name, out = spec["constexprs"], spec["fn"].__name__, []
     models = [m for m in ("base", "large") if "CG" not in c or
