@@ -39,9 +39,23 @@ test-second-capability: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# no GPU needed: csrc/*.cu with nvcc and every Triton aot_specs() kernel for sm_80/sm_90; registers, spills, mma
-check-kernels: $(STAMP)
-	$(PY) -m unispeech_kernels.check_kernels
+# the GPU machine's Triton (compile-only: the CPU torch wheel will do) for the performance model
+TRITON_GPU       ?= triton==3.6.0
+TRITON_GPU_VENV  ?= .venv-triton36
+TRITON_GPU_STAMP := $(TRITON_GPU_VENV)/.installed
+KERNEL_CACHE     ?= .cache/kernels
+$(TRITON_GPU_STAMP):
+	test -x $(TRITON_GPU_VENV)/bin/python || python3 -m venv $(TRITON_GPU_VENV)
+	$(TRITON_GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_GPU_VENV)/bin/python -m pip install -q "$(TRITON_GPU)" "$(TORCH)" "numpy<2.4"
+	touch $(TRITON_GPU_STAMP)
+
+# no GPU needed: csrc/*.cu with nvcc and every Triton aot_specs() kernel for sm_80/sm_90; registers, spills, mma;
+# then the static performance model (bench/results/perf_model.{json,md}) under this Triton and the GPU
+# machine's (TRITON_GPU, in its own venv), its sm_90 builds reused from the checker's cache
+check-kernels: $(STAMP) $(TRITON_GPU_STAMP)
+	$(PY) -m unispeech_kernels.check_kernels --cache $(KERNEL_CACHE)
+	$(PY) -m unispeech_kernels.perf_model --cache $(KERNEL_CACHE) --triton-python $(TRITON_GPU_VENV)/bin/python
 
 # benchmarks (bench/results/README.md). GPU targets use the system python3 (BENCH_PY), never a venv.
 BENCH_PY    ?= python3
@@ -82,4 +96,5 @@ learn: $(STAMP)
 	$(PY) -m bench.learning.run --size $(or $(LEARN_SIZE),cpu)
 
 clean:
-	rm -rf $(VENV) build *.egg-info unispeech_kernels/_C*.so unispeech_kernels/_build_info.json
+	rm -rf $(VENV) $(TRITON_GPU_VENV) $(KERNEL_CACHE) build *.egg-info unispeech_kernels/_C*.so \
+	    unispeech_kernels/_build_info.json

@@ -40,6 +40,13 @@ PEAKS = (
     ("RTX 4090", 165.0, 82.6, 1.0, "spec"),
 )
 
+# An H100 SXM / H200 SM (compute capability 9.0; CUDA C++ Programming Guide, "Compute Capabilities"
+# table; both GPUs have 132 SMs), for the static performance model (unispeech_kernels/perf_model.py):
+# registers are allocated per warp in units of 256 within one of the 4 schedulers' quarter of the file,
+# shared memory in units of 128 bytes plus 1 KB the runtime reserves per block.
+SM90 = dict(sms=132, schedulers=4, regs=65536, reg_unit=256, smem=233472, smem_unit=128,
+            smem_reserved=1024, warps=64, blocks=32)
+
 
 @dataclass(frozen=True)
 class Peak:

@@ -279,8 +279,10 @@ def test_torch_compile_fullgraph():
 def test_aot_specs_cover_the_gemms():
     specs = aot_specs()
     gemms = {s["name"] for s in specs if s["mma"]}
-    assert gemms == {f"conv_{k}_{dt}" for k in ("fwd_gelu", "fwd_layer", "bwd_dx", "bwd_dw")
-                     for dt in ("bf16",)}
+    assert gemms == {f"conv_{k}_{dt}" for k in ("fwd_gelu", "fwd_layer", "fwd_gelu_save", "fwd_layer_save",
+                                                "bwd_dx", "bwd_dw") for dt in ("bf16",)}
+    saves = {s["name"]: s["constexprs"]["SAVE"] for s in specs if "SAVE" in s["constexprs"]}
+    assert saves == {n: n.endswith("_save_bf16") for n in saves}  # inference and training forwards
     for s in specs:
         assert list(s["signature"]) == list(s["fn"].arg_names)
         assert s["constexprs"].get("UPCAST") in (False, None)

@@ -10,7 +10,11 @@
     spec["mma"] must contain tensor-core instructions (sm_80: mma.sync; sm_90: wgmma, mma.sync
     accepted and reported). A module without ``aot_specs`` is listed as "no Triton kernels".
 (c) one table (kernel, arch, regs, smem, spills, tensor-core instr, status); exit status 1 on any
-    failure. Nothing is cached across runs (Triton's cache goes to a temporary directory).
+    failure. Registers and spills are ptxas' own report of the compile Triton ran (its log, where the
+    Triton version can print it; else ptxas -v again on the PTX). Nothing is cached across runs
+    (Triton's cache goes to a temporary directory) unless ``--cache DIR`` is given: then each build
+    is kept there under a hash of the spec, the kernel's source (with everything it calls), the
+    Triton version and TRITON_* settings, and ``python -m unispeech_kernels.perf_model`` reuses it.
 
 An aot spec: {"name": str, "fn": @triton.jit function, "signature": {arg: "*bf16" | "i32" | "fp32" |
 "constexpr" ...}, "constexprs": {arg: value}, "num_warps": int, "num_stages": int, "mma": bool}.
@@ -18,9 +22,13 @@ An aot spec: {"name": str, "fn": @triton.jit function, "signature": {arg: "*bf16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import hashlib
 import importlib
 import inspect
+import io
+import json
 import multiprocessing
 import os
 import re
@@ -30,8 +38,8 @@ import sys
 import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 ARCHS = (80, 90)
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -211,34 +219,107 @@ def ptxas_verbose(ptx: str, cc: int) -> str:
     return proc.stderr + proc.stdout
 
 
-def check_triton_spec(spec: dict, cc: int) -> Row:
-    """Compile one spec for compute capability ``cc`` and judge it."""
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    name = spec.get("name", "<unnamed>")
-    if missing:
-        return Row(name, f"sm_{cc}", status=f"FAIL: spec lacks {missing}")
-    if not hasattr(spec["fn"], "arg_names") or type(spec["fn"]).__name__ == "InterpretedFunction":
-        return Row(name, f"sm_{cc}", status="FAIL: kernel defined under TRITON_INTERPRET=1; run without it")
+@dataclass
+class Build:
+    """One aot spec compiled by this interpreter's Triton for one compute capability."""
+    name: str
+    cc: int
+    triton: str
+    record: Optional[dict] = None  # ptxas report of the entry function (parse_ptxas_verbose)
+    smem: Optional[int] = None  # bytes of shared memory per block (static + dynamic), Triton metadata
+    tensor_core: Optional[str] = None  # tensor_core_instr of the PTX
+    cubin: Optional[bytes] = None
+    error: Optional[str] = None  # the compile's failure, as the table prints it
+
+
+def spec_key(spec: dict, cc: int) -> str:
+    """Hash of everything a build depends on: the spec, the kernel's source with what it calls
+    (Triton's own JITFunction.cache_key), the Triton version and the TRITON_* settings."""
+    import triton
+
+    env = sorted((k, v) for k, v in os.environ.items()
+                 if k.startswith("TRITON_") and k not in ("TRITON_CACHE_DIR", "TRITON_INTERPRET"))
+    parts = [triton.__version__, cc, spec["fn"].cache_key, spec["signature"], spec["constexprs"],
+             spec["num_warps"], spec["num_stages"], sorted(spec.get("divisible_by_16", ())), env]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
+def _compile(spec: dict, cc: int):
+    """(CompiledKernel, ptxas report text). Triton >= 3.4 prints the log of its own ptxas run when
+    TRITON_DUMP_PTXAS_LOG is set (always compiling, so a Triton cache hit cannot hide it); older
+    versions get ptxas -v again on the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    log = io.StringIO()
+    saved = {k: os.environ.get(k) for k in ("TRITON_DUMP_PTXAS_LOG", "TRITON_ALWAYS_COMPILE")}
+    os.environ.update({k: "1" for k in saved})
     try:
-        compiled = triton.compile(make_ast_source(spec), target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-        ptx = compiled.asm["ptx"]
-        records = parse_ptxas_verbose(ptxas_verbose(ptx, cc))
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(make_ast_source(spec), target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    text = log.getvalue()
+    if not parse_ptxas_verbose(text):
+        text = ptxas_verbose(compiled.asm["ptx"], cc)
+    return compiled, text
+
+
+def compile_spec(spec: dict, cc: int, cache_dir: Optional[str] = None) -> Build:
+    """Compile one spec for compute capability ``cc`` (from ``cache_dir`` when it holds the build)."""
+    import triton
+
+    build = Build(spec.get("name", "<unnamed>"), cc, triton.__version__)
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        build.error = f"FAIL: spec lacks {missing}"
+        return build
+    if not hasattr(spec["fn"], "arg_names") or type(spec["fn"]).__name__ == "InterpretedFunction":
+        build.error = "FAIL: kernel defined under TRITON_INTERPRET=1; run without it"
+        return build
+    path = os.path.join(cache_dir, spec_key(spec, cc)) if cache_dir else None
+    if path and os.path.exists(path + ".json") and os.path.exists(path + ".cubin"):
+        with open(path + ".json") as f, open(path + ".cubin", "rb") as c:
+            return Build(**json.load(f), cubin=c.read())
+    try:
+        compiled, log = _compile(spec, cc)
+        records = parse_ptxas_verbose(log)
     except Exception as e:  # a compile error is this kernel's failure, reported in the table
         where = traceback.extract_tb(e.__traceback__)[-1]
         msg = " ".join(str(e).split())[:160]
-        return Row(name, f"sm_{cc}", status=f"FAIL: {type(e).__name__} ({os.path.basename(where.filename)}:"
-                                            f"{where.lineno}): {msg}")
+        build.error = f"FAIL: {type(e).__name__} ({os.path.basename(where.filename)}:{where.lineno}): {msg}"
+        return build
     if not records:
-        return Row(name, f"sm_{cc}", status="FAIL: no ptxas report")
-    rec = records[0]
-    smem = getattr(compiled.metadata, "shared", None)
-    instr = tensor_core_instr(ptx)
-    row = Row(name, rec["arch"], rec["regs"], smem, rec["spill_stores"], rec["spill_loads"], instr or "none",
-              spill_status(rec))
+        build.error = "FAIL: no ptxas report"
+        return build
+    build.record = records[0]
+    build.smem = getattr(compiled.metadata, "shared", None)
+    build.tensor_core = tensor_core_instr(compiled.asm["ptx"])
+    build.cubin = compiled.asm.get("cubin")
+    if path and build.cubin:
+        os.makedirs(cache_dir, exist_ok=True)
+        fields = {k: v for k, v in asdict(build).items() if k != "cubin"}
+        for suffix, mode, data in ((".cubin", "wb", build.cubin), (".json", "w", json.dumps(fields))):
+            tmp = f"{path}{suffix}.{os.getpid()}.tmp"
+            with open(tmp, mode) as f:
+                f.write(data)
+            os.replace(tmp, path + suffix)  # the .json last: it marks the entry whole
+    return build
+
+
+def judge(spec: dict, build: Build) -> Row:
+    """The table row of a build: its failure, spills, or a GEMM (spec["mma"]) without tensor cores."""
+    cc = build.cc
+    if build.error:
+        return Row(build.name, f"sm_{cc}", status=build.error)
+    rec, instr = build.record, build.tensor_core
+    row = Row(build.name, rec["arch"], rec["regs"], build.smem, rec["spill_stores"], rec["spill_loads"],
+              instr or "none", spill_status(rec))
     if spec["mma"] and instr is None and not row.failed:
         row.status = "FAIL: no tensor-core instruction"
     elif spec["mma"] and cc >= 90 and instr == "mma.sync" and not row.failed:
@@ -246,27 +327,46 @@ def check_triton_spec(spec: dict, cc: int) -> Row:
     return row
 
 
-def _check_spec_at(module_name: str, index: int, cc: int) -> Row:
-    """Worker task: spec ``index`` of ``module_name``.aot_specs() for compute capability ``cc``."""
-    return check_triton_spec(importlib.import_module(module_name).aot_specs()[index], cc)
+def check_triton_spec(spec: dict, cc: int, cache_dir: Optional[str] = None) -> Row:
+    """Compile one spec for compute capability ``cc`` and judge it."""
+    return judge(spec, compile_spec(spec, cc, cache_dir))
 
 
-def check_triton(archs=ARCHS, module_names=None, jobs=1) -> tuple:
-    """(rows, lines naming the modules without Triton kernels); ``jobs`` compile in parallel."""
+def spec_at(module_name: str, index: int) -> dict:
+    """Spec ``index`` of ``module_name``.aot_specs() (what a worker process compiles)."""
+    return importlib.import_module(module_name).aot_specs()[index]
+
+
+def _check_spec_at(module_name: str, index: int, cc: int, cache_dir: Optional[str]) -> Row:
+    return check_triton_spec(spec_at(module_name, index), cc, cache_dir)
+
+
+def spec_tasks(module_names=None) -> tuple:
+    """([(module, index)] of every aot spec, lines naming the modules without Triton kernels)."""
     tasks, notes = [], []
     for module, specs in collect_specs(module_names):
         if specs is None:
             notes.append(f"{module}: no Triton kernels")
         elif not specs:
             notes.append(f"{module}: aot_specs() is empty")
-        tasks += [(module, i, cc) for i in range(len(specs or ())) for cc in archs]
+        tasks += [(module, i) for i in range(len(specs or ()))]
+    return tasks, notes
+
+
+def parallel_map(worker: Callable, tasks: list, jobs: int) -> list:
+    """[worker(*task)] in task order, ``jobs`` processes at a time (fork: the workers inherit the
+    imported kernels; each task is a CPU-bound compile + ptxas)."""
     if jobs > 1 and len(tasks) > 1:
-        # fork: the workers inherit the imported kernels; each task is a CPU-bound compile + ptxas
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            rows = list(pool.map(_check_spec_at, *zip(*tasks)))
-    else:
-        rows = [_check_spec_at(*task) for task in tasks]
-    return rows, notes
+            return list(pool.map(worker, *zip(*tasks)))
+    return [worker(*task) for task in tasks]
+
+
+def check_triton(archs=ARCHS, module_names=None, jobs=1, cache_dir=None) -> tuple:
+    """(rows, lines naming the modules without Triton kernels); ``jobs`` compile in parallel."""
+    specs, notes = spec_tasks(module_names)
+    tasks = [(module, i, cc, cache_dir) for module, i in specs for cc in archs]
+    return parallel_map(_check_spec_at, tasks, jobs), notes
 
 
 # ---- (c) report -----------------------------------------------------------------------------------
@@ -284,6 +384,13 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def rerun_without_interpreter(module: str, argv=None) -> int:
+    """Kernels imported under TRITON_INTERPRET=1 cannot be compiled: run ``module`` again without it."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return subprocess.run([sys.executable, "-m", module, *argv], env=env).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
@@ -292,12 +399,10 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
     parser.add_argument("--specs-from", nargs="+", metavar="MODULE",
                         help="take aot_specs() from these modules instead of the registered ops'")
+    parser.add_argument("--cache", metavar="DIR", help="keep / reuse Triton builds here (see the docstring)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") != "0":
-        # Kernels imported under the interpreter cannot be compiled: start again without it.
-        env = dict(os.environ, TRITON_INTERPRET="0")
-        argv = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "unispeech_kernels.check_kernels", *argv], env=env).returncode
+        return rerun_without_interpreter("unispeech_kernels.check_kernels", argv)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # nothing is reused across runs
@@ -311,7 +416,8 @@ def main(argv=None) -> int:
         if args.no_triton:
             print("SKIPPED Triton kernels: --no-triton")
         else:
-            triton_rows, notes = check_triton(args.arch, args.specs_from, args.jobs)
+            cache_dir = os.path.abspath(args.cache) if args.cache else None
+            triton_rows, notes = check_triton(args.arch, args.specs_from, args.jobs, cache_dir)
             for note in notes:
                 print(note)
             rows += triton_rows

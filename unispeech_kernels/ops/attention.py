@@ -384,13 +384,17 @@ _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
 
 def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
     """The kernels' argument types follow their names; the last dim is contiguous at real shapes
-    (Triton specialises those strides to the constant 1), and at model shapes (D 64/80/128, H 16)
-    pointers are 16-aligned and the other strides, H and S_BUCKET divisible by 16. Without these
-    hints loads compile unvectorised and unpipelined."""
-    constexprs = {**{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}, **constexprs}
+    (Triton specialises those strides to the constant 1), and so is the key-padding mask's ([B, S]
+    bool) frame stride, whose batch stride S is any length; at model shapes (D 64/80/128, H 16)
+    pointers are 16-aligned and the other strides, H and S_BUCKET divisible by 16 (packed rows pass
+    the unused mask strides as 0). Without these hints loads compile unvectorised and unpipelined."""
+    mask = constexprs.get("HAS_MASK", False)
+    unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d") or mask and a == "stride_ms"]
+    constexprs = {**{a: 1 for a in unit}, **constexprs}
     types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET")
                                    or a.startswith("stride_") else "*" + elem) for a in fn.arg_names}
-    divisible = [a for a in fn.arg_names if a not in constexprs and (a.startswith("stride_") or a in ("H", "S_BUCKET"))]
+    divisible = [a for a in fn.arg_names if a not in constexprs and (
+        a.startswith("stride_") and not (mask and a == "stride_mb") or a in ("H", "S_BUCKET"))]
     return aot_spec(name, fn, types, constexprs, num_warps, num_stages, mma, divisible)
 
 

@@ -15,6 +15,7 @@ row statistics) only when autograd needs them; nothing when the layer is frozen 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 import torch
@@ -236,9 +237,11 @@ def aot_specs():
                "beta_ptr": f"*{dt}", "out_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32",
                "rstd_ptr": "*fp32", "M": "i32", "T_out": "i32", "C_in": "i32", "C_out": "i32",
                "stride": "i32", "stride_xb": "i32", "stride_xt": "i32", "eps": "fp32", "M_BUCKET": "i32"}
-        for norm, cfg in ((False, kern.FWD_CONFIGS[0]), (True, kern.FWD_NORM_CONFIGS[0])):
-            consts = dict(stride_xc=1, KSIZE=3, HAS_BIAS=True, NORM=norm, SAVE=True, **dot, **cfg.kwargs)
-            name = f"conv_fwd_{'layer' if norm else 'gelu'}_{dt}"
+        # inference, and training (SAVE: y, mean, rstd written for the backward)
+        for (norm, cfg), save in itertools.product(((False, kern.FWD_CONFIGS[0]), (True, kern.FWD_NORM_CONFIGS[0])),
+                                                   (False, True)):
+            consts = dict(stride_xc=1, KSIZE=3, HAS_BIAS=True, NORM=norm, SAVE=save, **dot, **cfg.kwargs)
+            name = f"conv_fwd_{'layer' if norm else 'gelu'}{'_save' * save}_{dt}"
             specs.append(aot_spec(name, kern._conv_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                   mma=True, divisible=("C_in", "C_out", "stride_xb", "stride_xt", "M_BUCKET")))
         sig = {"dout_ptr": f"*{dt}", "y_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
@@ -247,7 +250,8 @@ def aot_specs():
         for norm in (False, True):
             name = f"norm_act_bwd_{'layer' if norm else 'gelu'}_{dt}"
             consts = dict(stride_oc=1, NORM=norm, BLOCK_M=16, BLOCK_C=512)
-            specs.append(aot_spec(name, kern._norm_act_bwd_kernel, sig, consts, 8, divisible=("C", "stride_om")))
+            specs.append(aot_spec(name, kern._norm_act_bwd_kernel, sig, consts, 8,
+                                  divisible=("C", "stride_om", "rows_per_prog")))
         sig = {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "B": "i32", "T_in": "i32",
                "T_out": "i32", "C_in": "i32", "C_out": "i32", "J": "i32", "stride": "i32", "M_BUCKET": "i32"}
         cfg = kern.DX_CONFIGS[0]

@@ -368,9 +368,14 @@ def _example(device, dtype):
 
 # ---------------------------------------------------------------------------------------- aot specs
 
+_GRAD_DIVISIBLE = ("C", "stride_ob", "stride_ot")  # dout [B, T, C] contiguous
+
+
 def aot_specs():
     """Ahead-of-time compile specs at UniSpeech-base shapes (C 512, K 10, stride 5), bf16.
-    Unit strides are constexpr 1, as the JIT specialises them at run time."""
+    Unit strides are constexpr 1 and C and the output's frame / batch strides (multiples of C) carry
+    the divisibility hint, as the JIT specialises them at run time; the audio's batch stride (its
+    padded length) and the frame counts are any value."""
     kern = _kernels()
     specs = []
     unit = {"stride_xl": 1}
@@ -384,12 +389,12 @@ def aot_specs():
             consts = dict(unit, KSIZE=10, HAS_BIAS=name == "layer", NORM=norm, BLOCK_T=block_t,
                           BLOCK_C=block_c)
             specs.append(aot_spec(f"first_conv_fwd_{name}_{dt}", kern._first_conv_fwd_kernel, sig, consts,
-                                  _FWD_WARPS))
+                                  _FWD_WARPS, divisible=("C",)))
         sig = dict(common, len_ptr="*i32", stats_ptr="*fp32", tiles_per_prog="i32")
         specs.append(aot_spec(f"first_conv_group_stats_{dt}", kern._first_conv_group_stats_kernel, sig,
                            dict(unit, KSIZE=10, HAS_BIAS=False, HAS_LENGTHS=False, BLOCK_T=_STATS_BLOCK_T,
                                 BLOCK_C=128),
-                           _FWD_WARPS))
+                           _FWD_WARPS, divisible=("C",)))
         grad = {"dout_ptr": f"*{dt}", "stride_ob": "i32", "stride_ot": "i32",
                 "g_ptr": f"*{dt}", "beta_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                 "tiles_per_prog": "i32"}
@@ -397,7 +402,7 @@ def aot_specs():
         specs.append(aot_spec(f"first_conv_group_bwd_reduce_{dt}", kern._first_conv_group_bwd_reduce_kernel, sig,
                            dict(unit, stride_oc=1, KSIZE=10, HAS_BIAS=False, BLOCK_T=_STATS_BLOCK_T,
                                 BLOCK_C=128),
-                           _FWD_WARPS))
+                           _FWD_WARPS, divisible=_GRAD_DIVISIBLE))
         # the audio gradient (NEED_DX) is rare: checked once, with the LayerNorm (the larger body)
         for norm, name, need_dx in ((NORM_GROUP, "group", False), (NORM_LAYER, "layer", False),
                                     (NORM_LAYER, "layer_dx", True)):
@@ -407,7 +412,7 @@ def aot_specs():
             consts = dict(unit, stride_oc=1, KSIZE=10, KPAD=16, HAS_BIAS=norm == NORM_LAYER, NORM=norm,
                           HAS_LENGTHS=False, NEED_DX=need_dx, BLOCK_T=block_t, BLOCK_C=block_c)
             specs.append(aot_spec(f"first_conv_bwd_{name}_{dt}", kern._first_conv_bwd_kernel, sig, consts,
-                                  _BWD_WARPS))
+                                  _BWD_WARPS, divisible=_GRAD_DIVISIBLE))
     return specs
 
 

@@ -311,7 +311,8 @@ def _example(device, dtype):
 # ---------------------------------------------------------------------------------------- aot specs
 
 _AOT_SHAPES = {"base": (768, 16, 128), "large": (1024, 16, 128)}  # (C, groups, K) of UniSpeech
-_DIVISIBLE_16 = ("C", "N", "stride_ab", "stride_at", "stride_rb", "stride_rt", "stride_xb", "stride_xt")
+_DIVISIBLE_16 = ("C", "N", "KS", "PAD", "T_BUCKET", "stride_ab", "stride_at", "stride_rb", "stride_rt",
+                 "stride_xb", "stride_xt")  # K 128 and its half, the power-of-two bucket, multiples of C
 
 
 def _spec(name, fn, types, constexprs, num_warps, num_stages, mma):
