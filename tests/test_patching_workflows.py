@@ -216,6 +216,25 @@ def _check_operation(case, operation):
         assert torch.equal(a, b), "unpatch_model must restore bit-identical outputs"
 
 
+def test_gradient_checkpointing_recomputes_the_feature_encoder():
+    """With checkpointing on, the fused feature-encoder op keeps only its input (the audio) for
+    the backward pass and is recomputed there, as transformers' per-layer checkpoints keep only
+    each layer's input."""
+    model = patch_model(_build("wav2vec2", "Wav2Vec2ForCTC", False)).train()
+    audio, _ = _batch()
+
+    def saved_bytes():
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model.wav2vec2.feature_extractor(audio)
+        return sum(sizes)
+
+    plain = saved_bytes()
+    _gradient_checkpointing(model)
+    assert plain > audio.numel() * audio.element_size() == saved_bytes()
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[1])
 def test_deepcopy_computes_with_and_trains_its_own_weights(case):
     """A deep copy of a patched model reads and back-propagates into the copy's parameters only:
