@@ -188,12 +188,14 @@ class UniSpeechFeedForward(nn.Module):
         super().__init__()
         self.intermediate_dropout = nn.Dropout(config.activation_dropout)
         self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = get_activation(config.hidden_act, overwrite_temporaries=True)
+        get_activation(config.hidden_act)  # an unknown name fails here, not at the first forward
+        self.hidden_act = config.hidden_act  # a name, not a closure: the module stays picklable
         self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden):
-        hidden = self.intermediate_dropout(self.intermediate_act_fn(self.intermediate_dense(hidden)))
+        act = get_activation(self.hidden_act, overwrite_temporaries=True)
+        hidden = self.intermediate_dropout(act(self.intermediate_dense(hidden)))
         return self.output_dropout(self.output_dense(hidden))
 
 

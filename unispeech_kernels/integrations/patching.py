@@ -3,29 +3,121 @@
 Supported: UniSpeech, UniSpeechSat, Wav2Vec2 and HuBERT (base models and every head). Patched:
 - the feature encoder (``*FeatureEncoder``) -> ``unispeech_kernels.feature_encoder`` (it returns
   [B, T, C]; transformers wants [B, C, T], so a transposed view is returned and transformers'
-  own transpose back is free);
+  own transpose back is free); one fused op, so with gradient checkpointing on it is recomputed
+  whole in the backward pass instead of conv layer by conv layer;
 - the positional conv (``*PositionalConvEmbedding``) -> ``unispeech_kernels.pos_conv_embed``
   with the weight norm folded once in inference (transformers adds the residual itself, so the
   op runs without it);
 - attention -> ``attn_implementation="triton"`` (registered with transformers on import).
-Only instance attributes are added (``forward`` overrides and a record of what was patched), so
-parameters stay shared, state_dict keys and values are unchanged, and ``unpatch_model`` restores
-the original behaviour bit for bit.
+
+How: a patched module keeps its identity, parameters, buffers and hooks; only its class becomes
+a subclass of its own (``Patched<Name>``) whose ``forward`` runs the op on ``self``'s parameters,
+with its few settings (backend, activation, the weight-norm cache) in one attribute of the module.
+Nothing refers to another module, so a patched model is an ordinary model: ``copy.deepcopy``
+computes with the copy's weights, state_dict keys are unchanged, isinstance checks hold, and
+``.to`` / ``.half``, train / eval, hooks and ``torch.compile`` act as on the original. Pickles
+(``torch.save`` of the whole model) name transformers' class and remake the patched subclass
+when loaded, in any process that can import unispeech_kernels. ``save_pretrained`` writes what
+the unpatched model writes. ``unpatch_model`` restores the classes and the attention
+implementation, so outputs are bit for bit the original ones.
 """
 from __future__ import annotations
 
-import types
+import logging
+import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 from ..dispatch import resolve_backend
 from ..ops.feature_encoder import feature_encoder
 from ..ops.pos_conv import pos_conv_embed
 from ..weight_norm import FoldedWeightNorm
 
+log = logging.getLogger("unispeech_kernels.integrations.patching")
+
 SUPPORTED_MODEL_TYPES = ("unispeech", "unispeech-sat", "wav2vec2", "hubert")
-_STATE = "_unispeech_kernels_patch"  # attribute on the model: what patch_model changed
+_SETTINGS = "_unispeech_kernels"  # attribute of a patched module: its KernelSettings
+_STATE = "_unispeech_kernels_patch"  # attribute of a patched model: what patch_model changed
+
+
+@dataclass
+class KernelSettings:
+    """What a patched module's forward needs besides its own parameters."""
+    backend: Optional[str]  # forced backend (patch_model's argument), None: the dispatcher picks
+    activation: str  # config.feat_extract_activation
+    norm_mode: Optional[str] = None  # feature encoder: "group" (layer 0 only) or "layer" (every layer)
+    fold: Optional[FoldedWeightNorm] = None  # positional conv: its weight-norm cache (a copy starts empty)
+
+
+class PatchedModule:
+    """Base of the patched classes; ``unpatched_class`` is the transformers class they extend."""
+    unpatched_class: type
+
+    def __reduce_ex__(self, protocol):
+        # pickle / deepcopy: name transformers' class, so loading needs no dynamically made name
+        return _new_patched, (self.unpatched_class,), self.__getstate__()
+
+
+class PatchedFeatureEncoder(PatchedModule):
+    """A transformers ``*FeatureEncoder`` running as one ``unispeech_kernels.feature_encoder`` op."""
+
+    def forward(self, input_values):
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            # non-reentrant: the parameters get gradients although the audio needs none
+            return torch.utils.checkpoint.checkpoint(self._kernel_forward, input_values, use_reentrant=False)
+        return self._kernel_forward(input_values)
+
+    def _kernel_forward(self, input_values):
+        settings = getattr(self, _SETTINGS)
+        layers = self.conv_layers
+        norms = [l.layer_norm for l in (layers if settings.norm_mode == "layer" else layers[:1])]
+        features = feature_encoder(
+            input_values, [l.conv.weight for l in layers], [l.conv.bias for l in layers],
+            [l.conv.stride[0] for l in layers], settings.norm_mode, [n.weight for n in norms],
+            [n.bias for n in norms], eps=norms[0].eps, activation=settings.activation,
+            backend=resolve_backend("feature_encoder", settings.backend))
+        return features.transpose(1, 2)  # [B, C, T], as transformers returns it
+
+
+class PatchedPositionalConvEmbedding(PatchedModule):
+    """A transformers ``*PositionalConvEmbedding`` running as one ``unispeech_kernels.pos_conv_embed`` op."""
+
+    def forward(self, hidden_states):
+        settings = getattr(self, _SETTINGS)
+        batch_norm = getattr(self, "batch_norm", None)  # HuBERT's conv_pos_batch_norm variant
+        if batch_norm is not None:
+            hidden_states = batch_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return pos_conv_embed(hidden_states, self._conv_weight(settings.fold), self.conv.bias,
+                              groups=self.conv.groups, activation=settings.activation, residual=False,
+                              backend=resolve_backend("pos_conv", settings.backend))
+
+    def _conv_weight(self, fold: FoldedWeightNorm) -> torch.Tensor:
+        conv = self.conv
+        if hasattr(conv, "parametrizations"):  # nn.utils.parametrizations.weight_norm
+            p = conv.parametrizations.weight
+            return fold(p.original0, p.original1)
+        if hasattr(conv, "weight_g"):  # the older nn.utils.weight_norm
+            return fold(conv.weight_g, conv.weight_v)
+        return conv.weight
+
+
+_PATCHED_CLASSES: dict = {}  # transformers class -> its patched subclass
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        base = PatchedFeatureEncoder if cls.__name__.endswith("FeatureEncoder") else PatchedPositionalConvEmbedding
+        _PATCHED_CLASSES[cls] = type(f"Patched{cls.__name__}", (base, cls),
+                                     {"unpatched_class": cls, "__module__": __name__})
+    return _PATCHED_CLASSES[cls]
+
+
+def _new_patched(cls: type):
+    """An empty patched instance of transformers' ``cls`` (unpickling and deepcopy fill in its state)."""
+    return object.__new__(_patched_class(cls))
 
 
 def _model_type(model) -> Optional[str]:
@@ -33,109 +125,107 @@ def _model_type(model) -> Optional[str]:
     return getattr(config, "model_type", None)
 
 
-def _feature_encoder_forward(module, activation: str, backend):
-    layers = list(module.conv_layers)
-    group_mode = type(layers[0]).__name__.endswith("GroupNormConvLayer")
-    norm_mode = "group" if group_mode else "layer"
-    norms = [layers[0].layer_norm] if group_mode else [layer.layer_norm for layer in layers]
+def _check_model(model) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()
+    model_type = _model_type(model)
+    if isinstance(model, PreTrainedModel) and model_type in SUPPORTED_MODEL_TYPES:
+        return
+    hint = ""
+    if type(model).__module__.split(".")[0] == "unispeech":
+        hint = (": this is unispeech's own model class, which runs on unispeech_kernels already "
+                "(choose its backends with kernel_backend= and attn_implementation=)")
+    raise TypeError(f"patch_model supports transformers models of type {SUPPORTED_MODEL_TYPES}; "
+                    f"got {type(model).__name__} (model_type={model_type!r}){hint}")
 
-    def forward(self, input_values):
-        return feature_encoder(
-            input_values, [l.conv.weight for l in layers], [l.conv.bias for l in layers],
-            [l.conv.stride[0] for l in layers], norm_mode, [n.weight for n in norms],
-            [n.bias for n in norms], eps=norms[0].eps, activation=activation,
-            backend=resolve_backend("feature_encoder", backend),
-        ).transpose(1, 2)
 
-    return forward
-
-
-def _feature_encoder_reason(module) -> Optional[str]:
+def _feature_encoder_settings(module, activation: str, backend) -> KernelSettings:
+    """The settings of a supported feature encoder; raises ValueError naming what is unsupported."""
     layers = list(module.conv_layers)
     names = [type(l).__name__ for l in layers]
     if names[0].endswith("GroupNormConvLayer"):  # group mode: GroupNorm on layer 0 only
-        ok = all(n.endswith("NoLayerNormConvLayer") for n in names[1:])
+        norm_mode, ok = "group", all(n.endswith("NoLayerNormConvLayer") for n in names[1:])
     else:  # layer mode: LayerNorm after every conv ("NoLayerNorm..." also ends in "LayerNorm...")
+        norm_mode = "layer"
         ok = all(n.endswith("LayerNormConvLayer") and not n.endswith("NoLayerNormConvLayer") for n in names)
     if not ok:
-        return f"unsupported conv layer mix {names}"
+        raise ValueError(f"unsupported conv layer mix {names}")
     for l in layers:
         c = l.conv
         if c.padding not in (0, (0,)) or c.dilation != (1,) or c.groups != 1:
-            return "conv layers with padding, dilation or groups are not supported"
+            raise ValueError("conv layers with padding, dilation or groups are not supported")
         norm = getattr(l, "layer_norm", None)
         if norm is not None and (norm.weight is None or norm.bias is None):
-            return "norm layers without affine parameters are not supported"
-    return None
+            raise ValueError("norm layers without affine parameters are not supported")
+    return KernelSettings(backend, activation, norm_mode=norm_mode)
 
 
-def _pos_conv_forward(module, activation: str, backend):
-    fold = FoldedWeightNorm()
-    conv = module.conv
-    groups = conv.groups
-    batch_norm = getattr(module, "batch_norm", None)  # HuBERT's conv_pos_batch_norm variant
+def _pos_conv_settings(module, activation: str, backend) -> KernelSettings:
+    return KernelSettings(backend, activation, fold=FoldedWeightNorm())
 
-    def weight():
-        if hasattr(conv, "parametrizations"):
-            p = conv.parametrizations.weight
-            return fold(p.original0, p.original1)
-        if hasattr(conv, "weight_g"):
-            return fold(conv.weight_g, conv.weight_v)
-        return conv.weight
 
-    def forward(self, hidden_states):
-        if batch_norm is not None:
-            hidden_states = batch_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        return pos_conv_embed(hidden_states, weight(), conv.bias, groups=groups, activation=activation,
-                              residual=False, backend=resolve_backend("pos_conv", backend))
-
-    return forward
+def _patch_targets(model):
+    """(name, module, settings maker) of every module patch_model replaces."""
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls.endswith("FeatureEncoder") and hasattr(module, "conv_layers"):
+            yield name, module, _feature_encoder_settings
+        elif cls.endswith("PositionalConvEmbedding") and hasattr(module, "conv"):
+            yield name, module, _pos_conv_settings
 
 
 def patch_model(model, backend: Optional[str] = None):
     """Route a transformers UniSpeech / UniSpeechSat / Wav2Vec2 / HuBERT model's hot spots through
     unispeech_kernels. ``backend`` forces one backend for the feature encoder and positional conv
     (None: the dispatcher picks per input; "cuda": the CUDA extension where the op has it, else
-    Triton, see ``dispatch.resolve_backend``). Returns the model; patching twice is a no-op."""
-    model_type = _model_type(model)
-    if not isinstance(model, torch.nn.Module) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"patch_model supports transformers models of type {SUPPORTED_MODEL_TYPES}; "
-                        f"got {type(model).__name__} (model_type={model_type!r})")
-    if getattr(model, _STATE, None) is not None:
+    Triton, see ``dispatch.resolve_backend``). Returns the model. Patching a patched model again
+    changes nothing and warns; with another ``backend`` it raises (unpatch it first)."""
+    _check_model(model)
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        if state["backend"] != backend:
+            raise ValueError(f"the model is already patched with backend={state['backend']!r}; call "
+                             f"unpatch_model(model) before patching it with backend={backend!r}")
+        warnings.warn(f"patch_model: the model is already patched (backend={backend!r}); nothing changed",
+                      stacklevel=2)
         return model
+    inner = [name for name, m in model.named_modules() if isinstance(m, PatchedModule) or hasattr(m, _STATE)]
+    if inner:
+        raise ValueError(f"part of the model is already patched ({', '.join(inner)}): call unpatch_model(model) "
+                         "before patching the whole model")
     from .transformers import register_transformers_attention
 
     register_transformers_attention()
     activation = model.config.feat_extract_activation
     patched, skipped = [], {}
-    for name, module in model.named_modules():
-        cls = type(module).__name__
-        if cls.endswith("FeatureEncoder") and hasattr(module, "conv_layers"):
-            reason = _feature_encoder_reason(module)
-            make = _feature_encoder_forward
-        elif cls.endswith("PositionalConvEmbedding") and hasattr(module, "conv"):
-            reason = None
-            make = _pos_conv_forward
-        else:
+    for name, module, make_settings in list(_patch_targets(model)):
+        try:
+            settings = make_settings(module, activation, backend)
+        except ValueError as e:
+            skipped[name] = str(e)
+            log.debug("patch_model: %s keeps transformers' forward: %s", name, e)
             continue
-        if reason:
-            skipped[name] = reason
-            continue
-        module.forward = types.MethodType(make(module, activation, backend), module)
-        patched.append(module)
+        setattr(module, _SETTINGS, settings)
+        module.__class__ = _patched_class(type(module))
+        patched.append(name)
     original_attn = model.config._attn_implementation
     model.set_attn_implementation("triton")
-    setattr(model, _STATE, {"modules": patched, "attn_implementation": original_attn, "skipped": skipped})
+    setattr(model, _STATE, {"backend": backend, "attn_implementation": original_attn, "patched": patched,
+                            "skipped": skipped})
     return model
 
 
 def unpatch_model(model):
-    """Undo patch_model: the original forwards and attention implementation come back."""
-    state = getattr(model, _STATE, None)
-    if state is None:
-        return model
-    for module in state["modules"]:
-        del module.forward  # the class's forward shows through again
-    model.set_attn_implementation(state["attn_implementation"])
-    delattr(model, _STATE)
+    """Undo patch_model: the original classes and attention implementation come back. Works
+    through wrappers (``torch.compile``'s) and on patched modules on their own (a deep copy of
+    one submodule, say)."""
+    for module in model.modules():
+        if isinstance(module, PatchedModule):
+            module.__class__ = module.unpatched_class
+            delattr(module, _SETTINGS)
+        state = module.__dict__.pop(_STATE, None)
+        if state is not None:
+            module.set_attn_implementation(state["attn_implementation"])
     return model
