@@ -6,8 +6,10 @@ optional bias [C_out]. norm_mode "group": GroupNorm(C, C) (each channel over tim
 only, norm_weights/norm_biases hold one tensor each; "layer": LayerNorm over channels after every
 layer, one tensor per layer. Activation after every layer.
 
-input_lengths (samples, [B]) is used with batch_invariant=True: the group-norm statistics are then
-taken over each utterance's real frames, so a padded batch equals single-utterance runs; and with
+input_lengths (samples, [B]) is used with batch_invariant=True (the default): the group-norm statistics
+are then taken over each utterance's real frames, so a padded batch equals single-utterance runs
+(batch_invariant=False: over the padded length, as transformers; no input_lengths: every sample is
+real); and with
 trim_padding=True: frames past an utterance's real length (conv_output_length of its samples) may
 be left uncomputed (the torch backend runs layers 1..N per utterance on its real frames and leaves
 zeros there; real frames never depend on padding, so they are unchanged). ``host_lengths``: the
@@ -59,7 +61,7 @@ def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, n
 
 def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                               norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                              input_lengths=None, batch_invariant=False, upcast=False):
+                              input_lengths=None, batch_invariant=True, upcast=False):
     """Eager torch implementation (channels-first internally, like transformers)."""
     cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
     x = _run_layers(cast(input_values)[:, None, :], range(len(conv_weights)), conv_weights, conv_biases,
@@ -80,7 +82,7 @@ class FeatureEncoderInputs(Inputs):
     eps: float = 1e-5
     activation: str = "gelu"
     input_lengths: Optional[torch.Tensor] = None  # [B] real samples
-    batch_invariant: bool = False
+    batch_invariant: bool = True
     trim_padding: bool = False
     host_lengths: Optional[tuple] = None  # input_lengths as host ints, when the caller has them
 
@@ -217,7 +219,7 @@ def feature_encoder_cuda(inputs: FeatureEncoderInputs):
 
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                     norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
-                    input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
+                    input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = True,
                     trim_padding: bool = False, host_lengths: Optional[Sequence[int]] = None,
                     backend: Optional[str] = None):
     """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""
