@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..activations import get_activation
 from ..dispatch import Inputs, Op
 from ..padding import conv_output_length, receptive_field
+from ._common import follows_autocast
 from .conv_layer import CONV_LAYER_TRITON, ConvLayerInputs, conv_layer
 from .first_conv_layer import FirstConvLayerInputs, first_conv_layer_op, group_norm_over_lengths
 
@@ -217,6 +218,7 @@ def feature_encoder_cuda(inputs: FeatureEncoderInputs):
     return _kernel_stack("cuda", inputs)
 
 
+@follows_autocast
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                     norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = True,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .._runtime import dot_flags, target_programs
 from ..activations import get_activation
 from ..dispatch import Inputs, Op
-from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
+from ._common import (KERNEL_DTYPES, aot_spec, cdiv, follows_autocast, launch_tuned, length_bucket, next_power_of_2,
+                      tile_config)
 
 
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
@@ -293,6 +294,7 @@ def pos_conv_triton(inputs: PosConvInputs):
     return out
 
 
+@follows_autocast
 def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = "gelu",
                    residual: bool = True, backend: Optional[str] = None):
     """hidden + act(conv(hidden)) with same padding (act(conv(hidden)) when not ``residual``);
