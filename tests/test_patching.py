@@ -124,3 +124,14 @@ def test_unsupported_model_raises():
         patch_model(bert)
     with pytest.raises(TypeError, match="supports"):
         patch_model(torch.nn.Linear(2, 2))
+
+
+def test_a_module_that_cannot_be_patched_warns_and_keeps_its_forward():
+    model = _model("wav2vec2", "group", False)
+    model.wav2vec2.feature_extractor.conv_layers[1].conv.padding = (1,)  # no kernel takes padded convs
+    with pytest.warns(UserWarning, match="feature_extractor keeps transformers' forward .*padding"):
+        patch_model(model)
+    wav2vec2_encoder = transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder
+    assert type(model.wav2vec2.feature_extractor) is wav2vec2_encoder
+    assert type(model.wav2vec2.encoder.pos_conv_embed).__name__.startswith("Patched")
+    unpatch_model(model)

@@ -334,9 +334,10 @@ def _wrap_patched_base():
 def test_unpatch_restores_a_copied_submodule():
     model = patch_model(_build("hubert", "HubertForCTC", False))
     encoder = copy.deepcopy(model.hubert.feature_extractor)
-    assert isinstance(encoder, PatchedModule) and isinstance(encoder, transformers.models.hubert.modeling_hubert.HubertFeatureEncoder)
+    hubert_encoder = transformers.models.hubert.modeling_hubert.HubertFeatureEncoder
+    assert isinstance(encoder, PatchedModule) and isinstance(encoder, hubert_encoder)
     unpatch_model(encoder)
-    assert type(encoder) is transformers.models.hubert.modeling_hubert.HubertFeatureEncoder
+    assert type(encoder) is hubert_encoder
     assert not hasattr(encoder, "_unispeech_kernels")
 
 

@@ -34,7 +34,6 @@ implementation, so outputs are bit for bit the original ones.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -46,8 +45,6 @@ from ..dispatch import resolve_backend
 from ..ops.feature_encoder import feature_encoder
 from ..ops.pos_conv import pos_conv_embed
 from ..weight_norm import FoldedWeightNorm
-
-log = logging.getLogger("unispeech_kernels.integrations.patching")
 
 SUPPORTED_MODEL_TYPES = ("unispeech", "unispeech-sat", "wav2vec2", "hubert")
 _SETTINGS = "_unispeech_kernels"  # attribute of a patched module: its KernelSettings
@@ -238,7 +235,7 @@ def patch_model(model, backend: Optional[str] = None):
             settings = make_settings(module, activation, backend)
         except ValueError as e:
             skipped[name] = str(e)
-            log.debug("patch_model: %s keeps transformers' forward: %s", name, e)
+            warnings.warn(f"patch_model: {name} keeps transformers' forward ({e})", stacklevel=2)
             continue
         settings.batch_invariant = batch_invariant
         setattr(module, _SETTINGS, settings)
