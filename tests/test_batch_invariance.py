@@ -4,9 +4,10 @@ The matrix: {group, layer} norm x {torch, triton} backend x {fp32, bf16} x batch
 of random lengths in random order. For every utterance, the hidden states (every layer's) and the
 CTC logits on its real frames are within ``ALLCLOSE[dtype]`` of its run alone (both sides are the
 same computation with different batch shapes, so summation orders may differ: the model-level
-parity rule of tests/tolerances.py), and its greedy transcription is identical. The Triton backend
-runs under the interpreter, so it gets a subset: two batches (of 2 and 5) of short utterances per
-config; torch gets all eight batch sizes. Mismatches are counted and printed, and must be 0.
+parity rule of tests/tolerances.py), and its greedy transcription is identical. Without a GPU the
+Triton backend runs under the interpreter, so it gets a subset there: two batches (of 2 and 5) of
+short utterances per config; torch, and Triton on a GPU, get all eight batch sizes. Mismatches are
+counted and printed, and must be 0.
 
 Also: training (gradients of a summed loss equal the sums of single-utterance gradients), patched
 transformers models (through the attention mask their forward receives; without a mask every sample
@@ -24,24 +25,25 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
             num_conv_pos_embedding_groups=4, vocab_size=11, hidden_dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
 RECEPTIVE_FIELD = 40  # samples of TINY's conv stack: one frame
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # backend -> (batch sizes, longest utterance in samples)
-BATCHES = {"torch": (range(1, 9), 1600), "triton": ((2, 5), 360)}
+BATCHES = {"torch": (range(1, 9), 1600), "triton": (range(1, 9), 1600) if DEVICE == "cuda" else ((2, 5), 360)}
 NORMS = {"group": dict(feat_extract_norm="group"), "layer": dict(feat_extract_norm="layer", do_stable_layer_norm=True)}
 DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _ctc_model(norm="group", **kw):
-    return unispeech.UniSpeechForCTC(unispeech.UniSpeechConfig(**TINY, **NORMS[norm], **kw)).eval()
+    return unispeech.UniSpeechForCTC(unispeech.UniSpeechConfig(**TINY, **NORMS[norm], **kw)).eval().to(DEVICE)
 
 
 def _padded_batch(lengths, dtype=torch.float32, generator=None):
-    """Audio [B, max(lengths)] with zeros past each length, and its attention mask."""
+    """Audio [B, max(lengths)] with zeros past each length, and its attention mask (on DEVICE)."""
     x = torch.zeros(len(lengths), max(lengths), dtype=dtype)
     mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
     for b, n in enumerate(lengths):
         x[b, :n] = torch.randn(n, generator=generator).to(dtype)
         mask[b, :n] = 1
-    return x, mask
+    return x.to(DEVICE), mask.to(DEVICE)
 
 
 def _random_lengths(size, longest, generator):
@@ -110,7 +112,7 @@ def test_training_gradients_batched_equal_sum_alone(norm):
     model = _ctc_model(norm, ctc_loss_reduction="sum").train()
     lengths = [900, 311, 520]
     x, mask = _padded_batch(lengths)
-    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100], [9, 3, 10, -100]])
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100], [9, 3, 10, -100]], device=DEVICE)
     loss, grads = _loss_and_grads(model, x, mask, labels)
     alone = {}
     for dtype in (torch.float32, torch.float64):
@@ -161,7 +163,7 @@ def test_without_mask_every_sample_is_real():
 def _transformers_ctc(norm, **kw):
     transformers = pytest.importorskip("transformers")
     config = transformers.Wav2Vec2Config(**TINY, **NORMS[norm], **kw)
-    return transformers.Wav2Vec2ForCTC(config).eval()
+    return transformers.Wav2Vec2ForCTC(config).eval().to(DEVICE)
 
 
 @pytest.fixture
@@ -204,6 +206,36 @@ def test_patched_without_mask_and_with_switch(_torch_attention):
         assert_close(padded(x, attention_mask=mask).logits[:1, :frames], theirs[:1, :frames], name="switch off")
 
 
+def test_patched_hooks_hand_over_lengths_and_unpatch_removes_them(_torch_attention):
+    """The base model's hooks hold the lengths on the feature encoder for one call only (also when the
+    forward raises); with gradient checkpointing the recomputed feature encoder sees the same lengths
+    (gradients equal those without it); unpatch_model removes the hooks."""
+    from unispeech_kernels import patch_model, unpatch_model
+    from unispeech_kernels.integrations.patching import _LENGTHS
+    model = _transformers_ctc("group")
+    base = model.wav2vec2
+    hooks = (dict(base._forward_pre_hooks), dict(base._forward_hooks))
+    patch_model(model, backend="torch")
+    x, mask = _padded_batch([800, 1200])
+    labels = torch.tensor([[3, 4, 5], [6, 7, 8]], device=DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        model(x, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        assert getattr(base.feature_extractor, _LENGTHS) is None
+    for name, grad in grads[0].items():
+        assert_close(grads[1][name], grad, name=name)
+    with pytest.raises(ValueError, match="shorter than the receptive field"):
+        model(x[:, :10], attention_mask=mask[:, :10])
+    assert getattr(base.feature_extractor, _LENGTHS) is None
+    unpatch_model(model)
+    assert (dict(base._forward_pre_hooks), dict(base._forward_hooks)) == hooks
+
+
 def test_transformers_processor_with_mask_matches_ours(_torch_attention):
     """A group-norm checkpoint's preprocessor (return_attention_mask false): our extractor returns the
     mask anyway; transformers' does when asked (return_attention_mask=True), and a patched
@@ -222,13 +254,13 @@ def test_transformers_processor_with_mask_matches_ours(_torch_attention):
     assert "attention_mask" not in theirs_fe(audio, **kw)
     assert torch.equal(ours_in["input_values"], theirs_in["input_values"])
     assert torch.equal(ours_in["attention_mask"], theirs_in["attention_mask"])
-    hf = transformers.UniSpeechForCTC(transformers.UniSpeechConfig(**TINY)).eval()
-    ours = unispeech.UniSpeechForCTC(unispeech.UniSpeechConfig(**TINY)).eval()
+    hf = transformers.UniSpeechForCTC(transformers.UniSpeechConfig(**TINY)).eval().to(DEVICE)
+    ours = unispeech.UniSpeechForCTC(unispeech.UniSpeechConfig(**TINY)).eval().to(DEVICE)
     ours.load_state_dict(hf.state_dict())
     patch_model(hf, backend="torch")
     with torch.no_grad():
-        got = hf(**theirs_in).logits
-        want = ours(**ours_in).logits
+        got = hf(**theirs_in.to(DEVICE)).logits
+        want = ours(**ours_in.to(DEVICE)).logits
     for b, n in enumerate(ours.unispeech._get_feat_extract_output_lengths(ours_in["attention_mask"].sum(-1))):
         assert_close(got[b, :n], want[b, :n], name=f"utterance {b}")
 
@@ -250,8 +282,8 @@ def test_readme_numbers(_torch_attention):
     transformers = pytest.importorskip("transformers")
     from unispeech_kernels import patch_model
     x, mask = _padded_batch([8000, 32000])
-    hf = transformers.UniSpeechModel(transformers.UniSpeechConfig(**TINY)).eval()
-    ours = unispeech.UniSpeechModel(unispeech.UniSpeechConfig(**TINY)).eval()
+    hf = transformers.UniSpeechModel(transformers.UniSpeechConfig(**TINY)).eval().to(DEVICE)
+    ours = unispeech.UniSpeechModel(unispeech.UniSpeechConfig(**TINY)).eval().to(DEVICE)
     ours.load_state_dict(hf.state_dict())
     rows = {"transformers": _single_vs_batched(hf, x, mask), "ours (default)": _single_vs_batched(ours, x, mask)}
     ours.config.batch_invariant_group_norm = False
