@@ -99,3 +99,29 @@ def test_fp16_autocast_ctc_training_stays_finite(one_thread):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0]
     print(f"\nfp16 autocast CTC training: loss {losses[0]:.3g} -> {losses[-1]:.3g} in 200 steps")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_follow_autocast(backend):
+    """Under autocast, pos_conv_embed and feature_encoder take fp32 inputs and parameters, compute in
+    autocast's dtype (the result of the same call on cast inputs) and return gradients to the fp32
+    parameters; integer lengths pass unchanged."""
+    from unispeech_kernels import feature_encoder, pos_conv_embed
+    hidden = torch.randn(1, 20, 16)
+    weight = (0.2 * torch.randn(16, 4, 4)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pos_conv_embed(hidden, weight, None, groups=4, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, pos_conv_embed(hidden.bfloat16(), weight.bfloat16(), None, groups=4, backend=backend))
+    out.float().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+    audio, lengths = torch.randn(2, 200), torch.tensor([200, 120])
+    convs = [0.3 * torch.randn(8, 1, 10), 0.3 * torch.randn(8, 8, 3)]
+    norms = [torch.ones(8)], [torch.zeros(8)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = feature_encoder(audio, convs, [None, None], [5, 2], "group", *norms, input_lengths=lengths,
+                                   backend=backend)
+    cast = [[t.bfloat16() for t in ts] for ts in (convs, *norms)]
+    want = feature_encoder(audio.bfloat16(), cast[0], [None, None], [5, 2], "group", cast[1], cast[2],
+                           input_lengths=lengths, backend=backend)
+    assert features.dtype == torch.bfloat16 and torch.equal(features, want)

@@ -15,10 +15,9 @@ Normalisation (do_normalize): x' = (x - mean) / sqrt(var + 1e-7) per utterance, 
 transformers computes it. Like transformers, the statistics cover only the real samples (and padded
 samples are set to padding_value) when an attention mask is produced; when padding is requested with
 return_attention_mask=False, transformers normalises the whole padded row, padding included, and so do
-we. One deliberate
-difference: with padding_side="left" and an attention mask, transformers takes the statistics over
-the first ``length`` samples of the padded row (padding included, real samples left out); we take
-them over the real samples, as with right padding.
+we. One deliberate difference: with padding_side="left" and an attention mask, transformers takes the
+statistics over the first ``length`` samples of the padded row (padding included, real samples left
+out); we take them over the real samples, as with right padding.
 """
 from __future__ import annotations
 

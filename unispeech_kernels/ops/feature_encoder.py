@@ -6,14 +6,15 @@ optional bias [C_out]. norm_mode "group": GroupNorm(C, C) (each channel over tim
 only, norm_weights/norm_biases hold one tensor each; "layer": LayerNorm over channels after every
 layer, one tensor per layer. Activation after every layer.
 
-input_lengths (samples, [B]) is used with batch_invariant=True (the default): the group-norm statistics
-are then taken over each utterance's real frames, so a padded batch equals single-utterance runs
-(batch_invariant=False: over the padded length, as transformers; no input_lengths: every sample is
-real); and with
-trim_padding=True: frames past an utterance's real length (conv_output_length of its samples) may
-be left uncomputed (the torch backend runs layers 1..N per utterance on its real frames and leaves
-zeros there; real frames never depend on padding, so they are unchanged). ``host_lengths``: the
-same lengths as host ints, when the caller has read them (the trim then needs no host sync).
+input_lengths (samples, [B]) is used with batch_invariant=True (the default): the group-norm
+statistics are then taken over each utterance's real frames, so a padded batch equals
+single-utterance runs (batch_invariant=False: over the padded length, as transformers; no
+input_lengths: every sample is real); and with trim_padding=True: frames past an utterance's real
+length (conv_output_length of its samples) may be left uncomputed (the torch backend runs layers
+1..N per utterance on its real frames and leaves zeros there; real frames never depend on padding,
+so they are unchanged). ``host_lengths``: the same lengths as host ints, when the caller has read
+them (the trim then needs no host sync). Under autocast the op casts its inputs to autocast's dtype
+and runs in it (``follows_autocast``).
 
 Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
 backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm

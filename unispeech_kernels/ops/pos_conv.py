@@ -5,7 +5,8 @@ Shapes: hidden x [B, T, C] -> [B, T, C]. weight W [C, CG, K] with CG = C / G cha
 (weight norm already folded, see ``fold_weight_norm``), bias [C] or None; padding P = K // 2 on
 both sides, and for even K the last output frame is dropped so T is kept. Padded frames must
 already be zero in ``hidden`` (the encoder zeroes them, as transformers does), so the kernels need
-no padding mask; only frames outside [0, T) are masked (the convolution's zero padding).
+no padding mask; only frames outside [0, T) are masked (the convolution's zero padding). Under
+autocast the op casts its inputs to autocast's dtype and runs in it (``follows_autocast``).
 
 Triton backend (kernels: ``pos_conv_kernels.py``): per group an implicit GEMM
     pre[b, t, g*CG + co] = sum_{k, ci} x[b, t + k - P, g*CG + ci] * W[g*CG + co, ci, k] + bias
