@@ -1,7 +1,9 @@
 """End to end: UniSpeechForCTC inference and one CTC fine-tuning step, ours vs transformers.
 
 Inputs: audio [B, L] zero-padded past each utterance's length, attention_mask [B, L] (1 = real);
-both models get the same inputs and the same weights (ours loads transformers' state_dict).
+both models get the same inputs and the same weights (ours loads transformers' state_dict), and the
+same math: ours and hf_patched run with batch_invariant_group_norm=False (transformers' padded
+numerics: group statistics over the padded length), so their logits are comparable with hf_sdpa's.
 Impls:
 - ours:       unispeech.UniSpeechForCTC, attn_implementation "triton" on a GPU ("sdpa" on a CPU,
               the CPU comparison), kernel_backend "auto";
@@ -51,7 +53,8 @@ def hf_model(model, dtype, device, train=False):
 def our_model(model, dtype, device, source, train=False):
     from unispeech import UniSpeechConfig, UniSpeechForCTC
     fields = dict(cases.MODELS[model], layerdrop=0.0)
-    config = UniSpeechConfig(**fields, attn_implementation=our_attention(device), kernel_backend="auto")
+    config = UniSpeechConfig(**fields, attn_implementation=our_attention(device), kernel_backend="auto",
+                             batch_invariant_group_norm=False)
     with torch.device(device):
         m = UniSpeechForCTC(config)
     m.load_state_dict(source.state_dict())
@@ -69,6 +72,7 @@ def inference_models(model, dtype, device):
         import unispeech_kernels
         patched = hf_model(model, dtype, device)
         patched.load_state_dict(hf.state_dict())
+        patched.config.batch_invariant_group_norm = False
         unispeech_kernels.patch_model(patched)
         impls["hf_patched"] = lambda a, m: patched(a, attention_mask=m).logits
     except Exception as e:  # reported as that impl's error row

@@ -22,7 +22,8 @@ CONFIG = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, inter
               conv_dim=(128,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
               num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=32,
               hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
-              final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
+              final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+              batch_invariant_group_norm=False)  # transformers' padded numerics: parity on padded batches
 VARIANTS = {"group-postnorm": dict(),
             "layer-stable-bias": dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)}
 LENGTHS = (48000, 31000, 12000)

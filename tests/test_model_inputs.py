@@ -161,7 +161,7 @@ def test_kernel_backends_and_switch_names():
         m.config.kernel_backend = "auto"  # whatever the dispatcher picks on this machine
         assert_close(m(x).last_hidden_state, ref)
     cfg = unispeech.UniSpeechConfig(**TINY)
-    assert (cfg.attn_implementation, cfg.kernel_backend, cfg.batch_invariant_group_norm) == ("sdpa", "auto", False)
+    assert (cfg.attn_implementation, cfg.kernel_backend, cfg.batch_invariant_group_norm) == ("sdpa", "auto", True)
     m = unispeech.UniSpeechModel(cfg, attn_implementation="eager", kernel_backend="torch")
     assert (m.config.attn_implementation, m.config.kernel_backend) == ("eager", "torch")
     assert cfg.attn_implementation == "sdpa", "constructor overrides must not change the caller's config"

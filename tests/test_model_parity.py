@@ -31,7 +31,8 @@ BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             num_conv_pos_embedding_groups=4, codevector_dim=16, proj_codevector_dim=16,
             num_codevectors_per_group=7, classifier_proj_size=8, vocab_size=11, num_ctc_classes=9,
             hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
-            final_dropout=0.0, layerdrop=0.0)
+            final_dropout=0.0, layerdrop=0.0,
+            batch_invariant_group_norm=False)  # transformers' padded numerics: parity on padded batches
 VARIANTS = {
     "group-postnorm": dict(),
     "layer-stable-bias": dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),

@@ -72,19 +72,24 @@ def test_feature_extractor_matches_transformers(case, return_attention_mask, do_
 @pytest.mark.parametrize("return_tensors", ["np", "pt"])
 @pytest.mark.parametrize("default_mask", [True, False])
 def test_feature_extractor_tensors_and_default_mask(return_tensors, default_mask):
+    """The mask comes back whatever the config's return_attention_mask (a group-norm checkpoint's
+    false included): the inputs transformers gives when asked for the mask."""
     raw = _batch(np.random.default_rng(2))
     ours = UniSpeechFeatureExtractor(return_attention_mask=default_mask)(
         raw, sampling_rate=SR, padding=True, return_tensors=return_tensors)
     theirs = transformers.Wav2Vec2FeatureExtractor(return_attention_mask=default_mask)(
-        raw, sampling_rate=SR, padding=True, return_tensors=return_tensors)
-    assert ("attention_mask" in ours) == default_mask
+        raw, sampling_rate=SR, padding=True, return_tensors=return_tensors, return_attention_mask=True)
     _assert_same_features(ours, theirs)
-    if default_mask:  # the real part of each row is zero-mean / unit-variance, padding = padding_value
-        values, mask = np.asarray(ours["input_values"]), np.asarray(ours["attention_mask"])
-        for row, n, x in zip(values, mask.sum(1), raw):
-            want = (x.astype(np.float64) - x.mean()) / np.sqrt(x.astype(np.float64).var() + 1e-7)
-            np.testing.assert_allclose(row[:n], want, rtol=1e-5, atol=1e-5)
-            assert (row[n:] == 0).all()
+    # the real part of each row is zero-mean / unit-variance, padding = padding_value
+    values, mask = np.asarray(ours["input_values"]), np.asarray(ours["attention_mask"])
+    for row, n, x in zip(values, mask.sum(1), raw):
+        want = (x.astype(np.float64) - x.mean()) / np.sqrt(x.astype(np.float64).var() + 1e-7)
+        np.testing.assert_allclose(row[:n], want, rtol=1e-5, atol=1e-5)
+        assert (row[n:] == 0).all()
+    unmasked = UniSpeechFeatureExtractor(return_attention_mask=default_mask)(
+        raw, sampling_rate=SR, padding=True, return_tensors=return_tensors, return_attention_mask=False)
+    _assert_same_features(unmasked, transformers.Wav2Vec2FeatureExtractor()(
+        raw, sampling_rate=SR, padding=True, return_tensors=return_tensors, return_attention_mask=False))
 
 
 @pytest.mark.parametrize("make", [
@@ -94,7 +99,8 @@ def test_feature_extractor_tensors_and_default_mask(return_tensors, default_mask
 def test_feature_extractor_input_kinds(make):
     x = np.random.default_rng(3).standard_normal(11).astype(np.float32)
     ours = UniSpeechFeatureExtractor()(make(x), sampling_rate=SR, padding=True)
-    theirs = transformers.Wav2Vec2FeatureExtractor()(make(x), sampling_rate=SR, padding=True)
+    theirs = transformers.Wav2Vec2FeatureExtractor()(make(x), sampling_rate=SR, padding=True,
+                                                     return_attention_mask=True)
     assert ours["input_values"][0].dtype == np.float32
     _assert_same_features(ours, theirs)
 

@@ -3,6 +3,12 @@ the switches of this library (``attn_implementation``, ``kernel_backend``: one r
 ``attention_implementation``; ``batch_invariant_group_norm``) and the pre-training objective's fields transformers lacks
 (``pretraining_ctc_weight``, ``pretraining_ctc_blank_id``; see unispeech.pretraining).
 
+``batch_invariant_group_norm`` (default True): a padded batch gives every utterance the output it gets
+alone. The group norm of "group" checkpoints then takes its statistics over each utterance's real
+frames (those of ``attention_mask``); every other part of the model is per-utterance already. False
+restores transformers' padded numerics, statistics over the padded length, so that an utterance's
+output depends on what it is batched with: for bit-parity checks against transformers.
+
 config.json compatibility: the file we write is read by transformers' UniSpeechConfig and we read
 theirs. Our three switches are written nested under ``"unispeech_kernels"`` because transformers
 rejects ``"attn_implementation": "triton"`` at the top level; a top-level key is accepted on read.
@@ -48,7 +54,7 @@ COMMON_DEFAULTS: Dict[str, Any] = dict(
     dtype=None, chunk_size_feed_forward=0, is_encoder_decoder=False, problem_type=None,
 )
 OUR_DEFAULTS: Dict[str, Any] = dict(attn_implementation=None, kernel_backend="auto",
-                                    batch_invariant_group_norm=False,
+                                    batch_invariant_group_norm=True,
                                     # pre-training objective (unispeech.pretraining): CTC weight alpha,
                                     # CTC blank id (None: pad_token_id)
                                     pretraining_ctc_weight=0.5, pretraining_ctc_blank_id=None)

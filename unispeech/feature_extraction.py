@@ -5,14 +5,19 @@ differ. Outputs: input_values [B, T] float32 and attention_mask [B, T] int32 (1 
 padding), T = the padded length. With padding=False and return_tensors=None every row keeps its own
 length (a list of 1-D arrays), as in transformers.
 
+The attention mask is returned for every model type, group-norm checkpoints included (their
+preprocessor_config.json says ``return_attention_mask: false``, which transformers follows and we
+keep only to write it back): with it a padded batch gives every utterance the inputs, and with
+unispeech's models the outputs, it gets alone. ``return_attention_mask=False`` in a call gives
+transformers' unmasked inputs.
+
 Normalisation (do_normalize): x' = (x - mean) / sqrt(var + 1e-7) per utterance, in float32, exactly as
 transformers computes it. Like transformers, the statistics cover only the real samples (and padded
 samples are set to padding_value) when an attention mask is produced; when padding is requested with
 return_attention_mask=False, transformers normalises the whole padded row, padding included, and so do
-we, so that models trained that way (wav2vec2-base style) see identical inputs. One deliberate
-difference: with padding_side="left" and an attention mask, transformers takes the statistics over
-the first ``length`` samples of the padded row (padding included, real samples left out); we take
-them over the real samples, as with right padding.
+we. One deliberate difference: with padding_side="left" and an attention mask, transformers takes the
+statistics over the first ``length`` samples of the padded row (padding included, real samples left
+out); we take them over the real samples, as with right padding.
 """
 from __future__ import annotations
 
@@ -197,7 +202,8 @@ class UniSpeechFeatureExtractor:
 
         padding: False / 'do_not_pad' (default, as transformers), True / 'longest', or 'max_length'
         (needs max_length). truncation=True cuts rows to max_length (rounded up to pad_to_multiple_of).
-        return_attention_mask: None = this extractor's default. return_tensors: None (list of rows),
+        return_attention_mask: None or True = return it (whatever the config's field says), False = do not
+        (and normalise padded rows whole, as transformers does then). return_tensors: None (list of rows),
         'np' or 'pt'. Always returns a batch, even for one utterance.
         """
         if sampling_rate is None:
@@ -212,8 +218,7 @@ class UniSpeechFeatureExtractor:
         mode = resolve_padding(padding, max_length)
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length")
-        if return_attention_mask is None:
-            return_attention_mask = self.return_attention_mask
+        return_attention_mask = return_attention_mask is not False
         rows = as_utterances(raw_speech)
 
         if truncation:

@@ -3,7 +3,10 @@
 Data path (shapes): input_values [B, L] -> feature encoder op [B, T, C] -> feature projection
 [B, T, E] -> SpecAugment (training / mask_time_indices) -> encoder (positional conv op, N x
 (attention op + FFN)) -> last_hidden_state [B, T, E]. ``attention_mask`` [B, L] (1 = real sample,
-right padding) becomes the frame mask [B, T] from the conv output lengths, computed once.
+right padding) becomes the frame mask [B, T] from the conv output lengths, computed once. With it,
+a padded batch gives every utterance the output it gets alone (config.batch_invariant_group_norm);
+without it every sample is real, as in transformers: a padded row is one utterance of the padded
+length, padding included.
 
 Input contract: input_values must be a floating tensor [B, L] with B >= 1 of the model's dtype
 (a 1-D [L] tensor is rejected, as in transformers: pass input_values[None]); L must reach the

@@ -10,6 +10,17 @@ Supported: UniSpeech, UniSpeechSat, Wav2Vec2 and HuBERT (base models and every h
   op runs without it);
 - attention -> ``attn_implementation="triton"`` (registered with transformers on import).
 
+Padded batches: batched equals alone, as in unispeech's own classes. transformers' feature encoder
+is called with the audio only, so the base model (``*Model``, the one holding the feature encoder)
+gets a forward pre-hook that hands the ``attention_mask`` the model receives to its patched feature
+encoder as utterance lengths (held on the encoder for that one call, dropped by a forward hook):
+the group norm of "group" checkpoints then takes its statistics over each utterance's real frames.
+``model.config.batch_invariant_group_norm = False`` before patching keeps transformers' padded
+numerics (statistics over the padded length). transformers' ``Wav2Vec2FeatureExtractor`` returns no
+mask for group-norm checkpoints: call it with ``return_attention_mask=True`` and pass the mask on.
+Without a mask every sample is real, as in transformers: a padded row is computed as one
+utterance of the padded length, padding included, and its output depends on that padding.
+
 How: a patched module keeps its identity, parameters, buffers and hooks; only its class becomes
 a subclass of its own (``Patched<Name>``) whose ``forward`` runs the op on ``self``'s parameters,
 with its few settings (backend, activation, the weight-norm cache) in one attribute of the module.
@@ -38,6 +49,7 @@ from ..weight_norm import FoldedWeightNorm
 SUPPORTED_MODEL_TYPES = ("unispeech", "unispeech-sat", "wav2vec2", "hubert")
 _SETTINGS = "_unispeech_kernels"  # attribute of a patched module: its KernelSettings
 _STATE = "_unispeech_kernels_patch"  # attribute of a patched model: what patch_model changed
+_LENGTHS = "_unispeech_kernels_lengths"  # attribute of a patched feature encoder during a forward: [B] samples
 
 
 @dataclass
@@ -46,6 +58,7 @@ class KernelSettings:
     backend: Optional[str]  # forced backend (patch_model's argument), None: the dispatcher picks
     activation: str  # config.feat_extract_activation
     norm_mode: Optional[str] = None  # feature encoder: "group" (layer 0 only) or "layer" (every layer)
+    batch_invariant: bool = True  # feature encoder: group statistics over each utterance's real frames
     fold: Optional[FoldedWeightNorm] = None  # positional conv: its weight-norm cache (a copy starts empty)
 
 
@@ -62,20 +75,22 @@ class PatchedFeatureEncoder(PatchedModule):
     """A transformers ``*FeatureEncoder`` running as one ``unispeech_kernels.feature_encoder`` op."""
 
     def forward(self, input_values):
+        lengths = getattr(self, _LENGTHS, None)  # [B] samples, from the base model's attention_mask
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             # non-reentrant: the parameters get gradients although the audio needs none
-            return torch.utils.checkpoint.checkpoint(self._kernel_forward, input_values, use_reentrant=False)
-        return self._kernel_forward(input_values)
+            return torch.utils.checkpoint.checkpoint(self._kernel_forward, input_values, lengths,
+                                                     use_reentrant=False)
+        return self._kernel_forward(input_values, lengths)
 
-    def _kernel_forward(self, input_values):
+    def _kernel_forward(self, input_values, input_lengths):
         settings = getattr(self, _SETTINGS)
         layers = self.conv_layers
         norms = [l.layer_norm for l in (layers if settings.norm_mode == "layer" else layers[:1])]
         features = feature_encoder(
             input_values, [l.conv.weight for l in layers], [l.conv.bias for l in layers],
             [l.conv.stride[0] for l in layers], settings.norm_mode, [n.weight for n in norms],
-            [n.bias for n in norms], eps=norms[0].eps, activation=settings.activation,
-            backend=resolve_backend("feature_encoder", settings.backend))
+            [n.bias for n in norms], eps=norms[0].eps, activation=settings.activation, input_lengths=input_lengths,
+            batch_invariant=settings.batch_invariant, backend=resolve_backend("feature_encoder", settings.backend))
         return features.transpose(1, 2)  # [B, C, T], as transformers returns it
 
 
@@ -99,6 +114,23 @@ class PatchedPositionalConvEmbedding(PatchedModule):
         if hasattr(conv, "weight_g"):  # the older nn.utils.weight_norm
             return fold(conv.weight_g, conv.weight_v)
         return conv.weight
+
+
+def _hand_lengths_to_feature_encoder(model, args, kwargs):
+    """Forward pre-hook of a base model: its attention_mask [B, L] -> [B] sample lengths, held on its
+    patched feature encoder for this call."""
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    setattr(model.feature_extractor, _LENGTHS, None if mask is None else mask.sum(-1))
+
+
+def _drop_lengths(model, args, output):
+    """Forward hook of a base model (also called when the forward raises)."""
+    setattr(model.feature_extractor, _LENGTHS, None)
+
+
+def _base_models(model):
+    """The modules whose forward calls a patched feature encoder (``feature_extractor``)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "feature_extractor", None), PatchedFeatureEncoder)]
 
 
 _PATCHED_CLASSES: dict = {}  # transformers class -> its patched subclass
@@ -196,6 +228,7 @@ def patch_model(model, backend: Optional[str] = None):
 
     register_transformers_attention()
     activation = model.config.feat_extract_activation
+    batch_invariant = getattr(model.config, "batch_invariant_group_norm", True)
     patched, skipped = [], {}
     for name, module, make_settings in list(_patch_targets(model)):
         try:
@@ -204,9 +237,13 @@ def patch_model(model, backend: Optional[str] = None):
             skipped[name] = str(e)
             warnings.warn(f"patch_model: {name} keeps transformers' forward ({e})", stacklevel=2)
             continue
+        settings.batch_invariant = batch_invariant
         setattr(module, _SETTINGS, settings)
         module.__class__ = _patched_class(type(module))
         patched.append(name)
+    for base in _base_models(model):
+        base.register_forward_pre_hook(_hand_lengths_to_feature_encoder, with_kwargs=True)
+        base.register_forward_hook(_drop_lengths, always_call=True)
     original_attn = model.config._attn_implementation
     model.set_attn_implementation("triton")
     setattr(model, _STATE, {"backend": backend, "attn_implementation": original_attn, "patched": patched,
@@ -218,6 +255,9 @@ def unpatch_model(model):
     """Undo patch_model: the original classes and attention implementation come back. Works
     through wrappers (``torch.compile``'s) and on patched modules on their own (a deep copy of
     one submodule, say)."""
+    for base in _base_models(model):
+        _remove_hook(base, "_forward_pre_hooks", _hand_lengths_to_feature_encoder)
+        _remove_hook(base, "_forward_hooks", _drop_lengths)
     for module in model.modules():
         if isinstance(module, PatchedModule):
             module.__class__ = module.unpatched_class
@@ -226,3 +266,11 @@ def unpatch_model(model):
         if state is not None:
             module.set_attn_implementation(state["attn_implementation"])
     return model
+
+
+def _remove_hook(module, hooks: str, fn) -> None:
+    """Remove ``fn`` from one of the module's hook dicts (and the flags torch keeps by hook id)."""
+    for key, hook in list(getattr(module, hooks).items()):
+        if hook is fn:
+            for flags in (hooks, hooks + "_with_kwargs", hooks + "_always_called"):
+                getattr(module, flags, {}).pop(key, None)

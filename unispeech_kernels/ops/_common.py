@@ -1,10 +1,11 @@
 """Host-side pieces several ops share, importable without Triton: integer helpers, the norm codes
 the kernels take, the length buckets of autotune keys, launch sizes, the one ``aot_specs()`` entry
-builder, and how a kernel's tiles are chosen (autotuned on a GPU, fixed or forced under the
-interpreter)."""
+builder, how a kernel's tiles are chosen (autotuned on a GPU, fixed or forced under the
+interpreter), and how an op follows autocast."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -15,6 +16,31 @@ NORM_CODES = {"none": 0, "layer": 1, "group": 2}
 NORM_NONE, NORM_LAYER, NORM_GROUP = NORM_CODES["none"], NORM_CODES["layer"], NORM_CODES["group"]
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every Triton kernel takes
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def follows_autocast(entry):
+    """An op's functional entry under autocast acts as torch's convolutions do: its floating tensor
+    arguments (in lists and tuples too) are cast to the autocast dtype of the first tensor's device
+    and the op runs with autocast off there, so every backend sees one dtype (norm statistics stay
+    fp32 inside the op). Integer tensors (lengths) pass unchanged."""
+
+    @functools.wraps(entry)
+    def run(*args, **kwargs):
+        first = args[0]
+        device = first.device.type if isinstance(first, torch.Tensor) else None
+        if device is None or not torch.is_autocast_enabled(device):
+            return entry(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(a):
+            if isinstance(a, torch.Tensor):
+                return a.to(dtype) if a.is_floating_point() else a
+            return type(a)(cast(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+        with torch.autocast(device, enabled=False):
+            return entry(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return run
 
 
 def cdiv(a: int, b: int) -> int:

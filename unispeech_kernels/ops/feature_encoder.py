@@ -6,12 +6,15 @@ optional bias [C_out]. norm_mode "group": GroupNorm(C, C) (each channel over tim
 only, norm_weights/norm_biases hold one tensor each; "layer": LayerNorm over channels after every
 layer, one tensor per layer. Activation after every layer.
 
-input_lengths (samples, [B]) is used with batch_invariant=True: the group-norm statistics are then
-taken over each utterance's real frames, so a padded batch equals single-utterance runs; and with
-trim_padding=True: frames past an utterance's real length (conv_output_length of its samples) may
-be left uncomputed (the torch backend runs layers 1..N per utterance on its real frames and leaves
-zeros there; real frames never depend on padding, so they are unchanged). ``host_lengths``: the
-same lengths as host ints, when the caller has read them (the trim then needs no host sync).
+input_lengths (samples, [B]) is used with batch_invariant=True (the default): the group-norm
+statistics are then taken over each utterance's real frames, so a padded batch equals
+single-utterance runs (batch_invariant=False: over the padded length, as transformers; no
+input_lengths: every sample is real); and with trim_padding=True: frames past an utterance's real
+length (conv_output_length of its samples) may be left uncomputed (the torch backend runs layers
+1..N per utterance on its real frames and leaves zeros there; real frames never depend on padding,
+so they are unchanged). ``host_lengths``: the same lengths as host ints, when the caller has read
+them (the trim then needs no host sync). Under autocast the op casts its inputs to autocast's dtype
+and runs in it (``follows_autocast``).
 
 Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
 backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from ..activations import get_activation
 from ..dispatch import Inputs, Op
 from ..padding import conv_output_length, receptive_field
+from ._common import follows_autocast
 from .conv_layer import CONV_LAYER_TRITON, ConvLayerInputs, conv_layer
 from .first_conv_layer import FirstConvLayerInputs, first_conv_layer_op, group_norm_over_lengths
 
@@ -59,7 +63,7 @@ def _run_layers(x, layers, conv_weights, conv_biases, conv_strides, norm_mode, n
 
 def feature_encoder_reference(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                               norm_weights, norm_biases, *, eps=1e-5, activation="gelu",
-                              input_lengths=None, batch_invariant=False, upcast=False):
+                              input_lengths=None, batch_invariant=True, upcast=False):
     """Eager torch implementation (channels-first internally, like transformers)."""
     cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
     x = _run_layers(cast(input_values)[:, None, :], range(len(conv_weights)), conv_weights, conv_biases,
@@ -80,7 +84,7 @@ class FeatureEncoderInputs(Inputs):
     eps: float = 1e-5
     activation: str = "gelu"
     input_lengths: Optional[torch.Tensor] = None  # [B] real samples
-    batch_invariant: bool = False
+    batch_invariant: bool = True
     trim_padding: bool = False
     host_lengths: Optional[tuple] = None  # input_lengths as host ints, when the caller has them
 
@@ -215,9 +219,10 @@ def feature_encoder_cuda(inputs: FeatureEncoderInputs):
     return _kernel_stack("cuda", inputs)
 
 
+@follows_autocast
 def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_mode, norm_weights,
                     norm_biases, *, eps: float = 1e-5, activation: str = "gelu",
-                    input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
+                    input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = True,
                     trim_padding: bool = False, host_lengths: Optional[Sequence[int]] = None,
                     backend: Optional[str] = None):
     """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""

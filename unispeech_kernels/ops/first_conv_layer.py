@@ -36,19 +36,22 @@ from ._common import (KERNEL_DTYPES, NORM_CODES, NORM_GROUP, NORM_LAYER, NORM_NO
 
 
 def group_norm_over_lengths(x, weight, bias, eps, lengths):
-    """GroupNorm(C, C) on x [B, C, T] with statistics over the first lengths[b] frames."""
+    """GroupNorm(C, C) on x [B, C, T] with statistics over the first lengths[b] frames, in at least
+    fp32 (as F.group_norm keeps them: fp16 squares overflow past 256), the result in x's dtype."""
+    stats = torch.promote_types(x.dtype, torch.float32)
     t = torch.arange(x.shape[-1], device=x.device)
-    valid = (t[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]  # [B, 1, T]
+    valid = (t[None, :] < lengths[:, None]).to(stats)[:, None, :]  # [B, 1, T]
     count = valid.sum(-1, keepdim=True).clamp_min(1)
-    mean = (x * valid).sum(-1, keepdim=True) / count
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    y = (x - mean) * torch.rsqrt(var + eps)
-    return y * weight[None, :, None] + bias[None, :, None]
+    xs = x.to(stats)
+    mean = (xs * valid).sum(-1, keepdim=True) / count
+    var = (((xs - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    y = (xs - mean) * torch.rsqrt(var + eps)
+    return (y * weight[None, :, None] + bias[None, :, None]).to(x.dtype)
 
 
 def first_conv_layer_reference(input_values, weight, bias, stride, norm_mode, norm_weight, norm_bias,
                                *, eps=1e-5, activation="gelu", input_lengths=None,
-                               batch_invariant=False, upcast=False):
+                               batch_invariant=True, upcast=False):
     dtype = input_values.dtype
     cast = (lambda t: t.double() if t is not None else None) if upcast else (lambda t: t)
     y = F.conv1d(cast(input_values)[:, None, :], cast(weight), cast(bias), stride=stride)  # [B, C, T]
@@ -79,7 +82,7 @@ class FirstConvLayerInputs(Inputs):
     eps: float = 1e-5
     activation: str = "gelu"
     input_lengths: Optional[torch.Tensor] = None  # [B] real samples (group statistics when batch_invariant)
-    batch_invariant: bool = False
+    batch_invariant: bool = True
 
     @property
     def float_tensors(self):
@@ -348,7 +351,7 @@ def first_conv_layer_triton(inputs: FirstConvLayerInputs):
 def first_conv_layer(input_values, weight, bias, stride: int, norm_mode: str,
                      norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], *,
                      eps: float = 1e-5, activation: str = "gelu",
-                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = False,
+                     input_lengths: Optional[torch.Tensor] = None, batch_invariant: bool = True,
                      backend: Optional[str] = None):
     """Layer 0 of the feature encoder; returns [B, T, C]. Inputs are checked by feature_encoder."""
     if norm_mode not in NORM_CODES:

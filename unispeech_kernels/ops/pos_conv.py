@@ -5,7 +5,8 @@ Shapes: hidden x [B, T, C] -> [B, T, C]. weight W [C, CG, K] with CG = C / G cha
 (weight norm already folded, see ``fold_weight_norm``), bias [C] or None; padding P = K // 2 on
 both sides, and for even K the last output frame is dropped so T is kept. Padded frames must
 already be zero in ``hidden`` (the encoder zeroes them, as transformers does), so the kernels need
-no padding mask; only frames outside [0, T) are masked (the convolution's zero padding).
+no padding mask; only frames outside [0, T) are masked (the convolution's zero padding). Under
+autocast the op casts its inputs to autocast's dtype and runs in it (``follows_autocast``).
 
 Triton backend (kernels: ``pos_conv_kernels.py``): per group an implicit GEMM
     pre[b, t, g*CG + co] = sum_{k, ci} x[b, t + k - P, g*CG + ci] * W[g*CG + co, ci, k] + bias
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from .._runtime import dot_flags, target_programs
 from ..activations import get_activation
 from ..dispatch import Inputs, Op
-from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
+from ._common import (KERNEL_DTYPES, aot_spec, cdiv, follows_autocast, launch_tuned, length_bucket, next_power_of_2,
+                      tile_config)
 
 
 def fold_weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
@@ -293,6 +295,7 @@ def pos_conv_triton(inputs: PosConvInputs):
     return out
 
 
+@follows_autocast
 def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = "gelu",
                    residual: bool = True, backend: Optional[str] = None):
     """hidden + act(conv(hidden)) with same padding (act(conv(hidden)) when not ``residual``);
