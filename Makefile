@@ -29,7 +29,7 @@ test: $(STAMP) lint check-kernels
 # AVX-512 machine, else none): eager's rounding changes with it, so a bound that holds by luck fails here
 ACCURACY_TESTS := tests/test_tolerances.py tests/test_attention.py tests/test_attention_packed.py \
                   tests/test_pos_conv.py tests/test_first_conv_layer.py tests/test_feature_encoder.py \
-                  tests/test_pretraining.py
+                  tests/test_pretraining.py tests/test_batch_invariance.py
 SECOND_CAPABILITY = $$($(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')")
 test-second-capability: $(STAMP)
 	ATEN_CPU_CAPABILITY=$(SECOND_CAPABILITY) $(PY) -m pytest -q -p no:cacheprovider $(ACCURACY_TESTS) \
