@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import unispeech
+import unispeech_kernels
 from unispeech.alignment import align, emissions, encode_transcript
 from unispeech.processing import UniSpeechCTCTokenizer, UniSpeechFeatureExtractor, UniSpeechProcessor
 from tests.tolerances import assert_close
@@ -126,10 +127,11 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
             vocab_size=len(VOCAB), layerdrop=0.0, pad_token_id=0)
 
 
-def test_our_model_batched_emissions_equal_single_utterances(processor):
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_our_model_batched_emissions_equal_single_utterances(processor, norm):
     """The packed forward of several segments gives each segment the emissions it gets alone (a
-    layer-norm feature encoder: a group-norm one normalises over the padded length)."""
-    config = unispeech.UniSpeechConfig(**TINY, feat_extract_norm="layer", do_stable_layer_norm=True)
+    group-norm feature encoder takes its statistics over each segment's real samples)."""
+    config = unispeech.UniSpeechConfig(**TINY, feat_extract_norm=norm, do_stable_layer_norm=norm == "layer")
     model = unispeech.UniSpeechForCTC(config).eval()
     rng = np.random.default_rng(0)
     waves = [rng.standard_normal(n).astype(np.float32) for n in (1600, 913, 2400)]
@@ -162,3 +164,21 @@ def test_transformers_model_and_processor(tmp_path):
     for text in ("ab, c?", "d a  b"):
         a, b = (encode_transcript(tok, text, star=7) for tok in (ours, hf_processor.tokenizer))
         assert (a.ids, a.texts, a.word_of) == (b.ids, b.texts, b.word_of)
+
+
+def test_patched_transformers_group_norm_model_aligns_each_segment_as_alone(tmp_path):
+    """transformers' feature extractor returns no mask for group-norm models; align() asks for one
+    when the model is patched, so each segment's emissions are the ones it gets alone."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "vocab.json").write_text(json.dumps(VOCAB))
+    hf_processor = transformers.Wav2Vec2Processor(
+        feature_extractor=transformers.Wav2Vec2FeatureExtractor(return_attention_mask=False),
+        tokenizer=transformers.Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), do_lower_case=True))
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**TINY, feat_extract_norm="group")).eval()
+    unispeech_kernels.patch_model(model)
+    rng = np.random.default_rng(2)
+    waves = [rng.standard_normal(n).astype(np.float32) for n in (2400, 900)]
+    log_probs, frames = emissions(model, hf_processor, waves, SR)
+    for wave, lp, n in zip(waves, log_probs, frames):
+        alone, _ = emissions(model, hf_processor, [wave], SR)
+        assert_close(lp[:n], alone[0, :n], name="log_probs")

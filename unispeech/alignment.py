@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import unispeech_kernels
+from unispeech_kernels.integrations.patching import PatchedModule
 
 from .feature_extraction import as_utterances
 from .modeling import UniSpeechPreTrainedModel
@@ -164,15 +165,16 @@ def _segments(audio, transcripts, segments, sampling_rate) -> Tuple[List[np.ndar
 @torch.inference_mode()
 def emissions(model, processor, waves: List[np.ndarray], sampling_rate: int, batch_size: Optional[int] = None):
     """(log_probs [N, T, V] fp32 on the model's device, frames [N]) of the segments: the model runs
-    on ``batch_size`` segments at a time (None: all in one forward), longest first. Our models always
-    get the attention mask: their encoder runs on the packed real frames, and with a layer-norm
-    feature encoder each segment computes as if alone; transformers' models get it when the feature
+    on ``batch_size`` segments at a time (None: all in one forward), longest first. Our models and
+    transformers' models accelerated by ``unispeech_kernels.patch_model`` always get the attention
+    mask: each segment then computes as if alone (group-norm feature encoders included, unless
+    ``batch_invariant_group_norm`` is off). Unpatched transformers models get it when their feature
     extractor returns one (transformers' advice for group-norm models such as wav2vec2-base is to
-    pad with zeros and pass none). A group-norm feature encoder (feat_extract_norm="group")
-    normalises its first layer over the padded length, as transformers' does, so padding shifts
-    those models' emissions a little; batch_size=1 avoids it."""
+    pad with zeros and pass none, so padding shifts those models' emissions a little; batch_size=1
+    avoids it)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    ours = isinstance(model, UniSpeechPreTrainedModel)
+    wants_mask = isinstance(model, UniSpeechPreTrainedModel) or any(
+        isinstance(m, PatchedModule) for m in model.modules())
     order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
     step = batch_size or max(1, len(waves))
     samples = torch.tensor([len(w) for w in waves])
@@ -180,7 +182,7 @@ def emissions(model, processor, waves: List[np.ndarray], sampling_rate: int, bat
     log_probs = None
     for lo in range(0, len(order), step):
         rows = order[lo:lo + step]
-        kwargs = dict(return_attention_mask=True) if ours else {}
+        kwargs = dict(return_attention_mask=True) if wants_mask else {}
         batch = processor.feature_extractor([waves[i] for i in rows], sampling_rate=sampling_rate, padding=True,
                                             return_tensors="pt", **kwargs)
         mask = batch.get("attention_mask")
