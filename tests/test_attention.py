@@ -12,7 +12,8 @@ from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops._common import forced_tiles
 from unispeech_kernels.ops.attention import (AttentionInputs, aot_specs, attention, attention_op, attention_reference,
-                                             draw_dropout_seed, dropout_keep_mask, kv_end_from_mask)
+                                             draw_dropout_seed, dropout_keep_mask, kv_end_from_mask,
+                                             mask_args)
 from unispeech_kernels.ops.attention_kernels import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS, _dkdv_tuned,
                                                      _dq_tuned, _fwd_tuned)
 from unispeech_kernels.padding import prefix_lengths
@@ -135,6 +136,18 @@ def test_kv_end_from_mask():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert kv_end_from_mask(mask).tolist() == [2, 0, 3, 4]
     assert kv_end_from_mask(mask).dtype == torch.int32
+
+
+def test_mask_args_reuse_kv_end_until_the_mask_changes():
+    """kv_end is computed once for the mask every layer gets, again for a new or modified mask."""
+    mask = _prefix_mask([5, 3], 8)
+    mask_u8, kv_end = mask_args(mask)
+    assert mask_u8.dtype == torch.uint8 and kv_end.tolist() == [5, 3]
+    assert mask_args(mask)[1] is kv_end
+    assert mask_args(_prefix_mask([5, 3], 8))[1] is not kv_end
+    mask[1, 6] = True
+    assert mask_args(mask)[1].tolist() == [5, 7]
+    assert mask_args(None) == (None, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

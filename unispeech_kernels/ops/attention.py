@@ -10,7 +10,9 @@ mask works; the kernels load it per key block, and loop only up to ``kv_end`` = 
 length are skipped and query blocks past it exit early. With PACKED the same kernels read sequences
 stored back to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query
 rows as zeros: gradients through them are zero (the torch backend returns attention over real keys
-there; both are within the contract "any finite value").
+there; both are within the contract "any finite value"). Eager calls launch through
+``TritonAttentionFunction`` (host time per call: ``bench/test_attention_host.py``), torch.compile
+traces the torch.library ops; a mask's kv_end is computed once while the same mask tensor comes back.
 Dropout: a uniform per (batch*head, query, key), one Philox draw (four uniforms) per four consecutive
 keys of a query, from a seed drawn on the device with torch's generator (``torch.manual_seed``
 reproduces it), saved for the backward, which regenerates the mask.
@@ -21,8 +23,10 @@ File order: torch reference -> contract (inputs, checks) -> launchers -> torch.l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -146,7 +150,8 @@ FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
 
 # ----------------------------------------------------------------------------------------- launchers
 
-def _kernels():
+@functools.lru_cache(None)
+def _kernels():  # imported once, at the first launch (a per-call import costs microseconds)
     from . import attention_kernels
 
     return attention_kernels
@@ -163,6 +168,22 @@ def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, pos, 0).amax(dim=1).to(torch.int32)
 
 
+_LAST_MASK: list = [None, -1, None]  # weak reference to the last mask seen, its version, its kv_end
+
+
+def mask_args(mask: Optional[torch.Tensor]):
+    """(mask as uint8 [B, S], kv_end [B] int32) as the launchers take them, or (None, None). Every
+    layer of a forward attends with the same mask tensor: its kv_end is computed once (device ops, no
+    host sync) and reused while that tensor lives unmodified."""
+    if mask is None:
+        return None, None
+    ref, version, kv_end = _LAST_MASK
+    if ref is None or ref() is not mask or mask._version != version:
+        kv_end = kv_end_from_mask(mask)
+        _LAST_MASK[:] = [weakref.ref(mask), mask._version, kv_end]
+    return mask.view(torch.uint8), kv_end
+
+
 def strides(t):
     """A tensor's strides as the kernels take them; packed [N, H, D] rows get the batch stride 0 of
     [B, S, H, D] (the kernels find a sequence's rows from seq_start_ptr)."""
@@ -175,17 +196,18 @@ def _block_d(head_dim: int) -> int:
 
 def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float, seq_start=None,
              max_len: int = 0):
-    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). Packed
+    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). ``seed``: [1]
+    int64, None without dropout. Packed
     (``seq_start`` [B] int32 first rows, ``kv_end`` the lengths): q, k, v and out are [N, H, D] rows
     and S = ``max_len``."""
     kern = _kernels()
     packed = seq_start is not None
     (B, S), (H, D) = ((seq_start.numel(), max_len) if packed else q.shape[:2]), q.shape[-2:]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((B, H, S), dtype=torch.float32)
     has_mask = mask_u8 is not None
     args = (q, k, v, out, lse, mask_u8 if has_mask else lse, kv_end if kv_end is not None else lse,
-            seq_start if packed else lse, seed,
+            seq_start if packed else lse, seed if seed is not None else lse,
             *strides(q), *strides(k), *strides(v), *strides(out),
             *(strides(mask_u8) if has_mask else (0, 0)),
             H, S, softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
@@ -220,9 +242,10 @@ def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, s
     scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p), length_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
                  **dot_flags(q.dtype))
-    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dk),
+    seed_arg = seed if seed is not None else delta
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dk),
                  *mask_strides, *scalars)
-    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dq),
+    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dq),
                *mask_strides, *scalars)
     launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), *dkdv_args, **flags,
                  interpret=kern.INTERPRET_TILES)
@@ -239,10 +262,36 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, drop
     return keep.view(batch, heads, seq, seq).bool()
 
 
-def _mask_args(key_padding_mask):
-    if key_padding_mask is None:
-        return None, None
-    return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
+class TritonAttentionFunction(torch.autograd.Function):
+    """Eager autograd of the Triton kernels, padded or packed (``attn_fwd`` / ``attn_bwd`` arguments).
+    Eager calls come here rather than through the torch.library ops below, whose dispatch costs more
+    host time than the launch itself; torch.compile traces the ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_u8, kv_end, seq_start, max_len, dropout_p, softmax_scale):
+        seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+        out, lse = attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p, softmax_scale, seq_start, max_len)
+        ctx.save_for_backward(q, k, v, out, lse, seed, mask_u8, kv_end, seq_start)
+        ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seed, mask_u8, kv_end, seq_start = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, ctx.dropout_p, ctx.softmax_scale,
+                              seq_start)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_attention(inputs: AttentionCall, mask_u8, kv_end, seq_start=None, max_len: int = 0):
+    """The Triton forward of an eager call: the launcher alone when no gradient is needed, else
+    ``TritonAttentionFunction``; under torch.compile the callers use the torch.library ops instead."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    dropout_p, scale = float(inputs.dropout_p), float(inputs.scale)
+    if inputs.needs_grad:
+        return TritonAttentionFunction.apply(q, k, v, mask_u8, kv_end, seq_start, max_len, dropout_p, scale)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    return attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p, scale, seq_start, max_len)[0]
 
 
 @torch.library.custom_op("unispeech_kernels::attention_fwd", mutates_args=(),
@@ -252,7 +301,7 @@ def attention_fwd_op(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     """Triton forward as a torch.library op: (out, lse, seed)."""
     seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
             else torch.zeros(1, dtype=torch.int64, device=q.device))
-    out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale)
+    out, lse = attn_fwd(q, k, v, *mask_args(key_padding_mask), seed, dropout_p, softmax_scale)
     return out, lse, seed
 
 
@@ -269,7 +318,7 @@ def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
                                 "-> (Tensor, Tensor, Tensor)")
 def attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
     """Triton backward as a torch.library op: (dq, dk, dv)."""
-    return attn_bwd(dout, q, k, v, out, lse, seed, *_mask_args(key_padding_mask), dropout_p, softmax_scale)
+    return attn_bwd(dout, q, k, v, out, lse, seed, *mask_args(key_padding_mask), dropout_p, softmax_scale)
 
 
 @attention_bwd_op.register_fake
@@ -349,8 +398,10 @@ TRITON_CAPABILITIES = dict(runtime="triton", dtypes=KERNEL_DTYPES, features=tupl
 @attention_op.backend("triton", **TRITON_CAPABILITIES)
 def attention_triton(inputs: AttentionInputs):
     """Flash-style Triton kernels; padded query rows return zeros."""
-    return attention_fwd_op(inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, float(inputs.dropout_p),
-                            float(inputs.scale))[0]
+    if torch.compiler.is_compiling():
+        return attention_fwd_op(inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, float(inputs.dropout_p),
+                                float(inputs.scale))[0]
+    return triton_attention(inputs, *mask_args(inputs.key_padding_mask))
 
 
 def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
