@@ -39,18 +39,22 @@ def _run(fn, q, k, v, grad, **kw):
     return out.detach(), [t.grad for t in leaves]
 
 
-def check_against_reference(q, k, v, mask, *, dropout_p=0.0, dropout_mask=None, softmax_scale=None,
+def check_against_reference(q, k, v, mask, *, lengths=None, dropout_p=0.0, dropout_mask=None, softmax_scale=None,
                             rng_seed=None):
     """Output (real query rows) and dq, dk, dv within the tolerance of eager same-dtype vs fp64.
-    ``rng_seed``: torch.manual_seed right before the op (so it draws a known dropout seed)."""
+    ``lengths``: the op gets them (a prefix mask's lengths) instead of ``mask``, the references their
+    mask. ``rng_seed``: torch.manual_seed right before the op (so it draws a known dropout seed)."""
     dtype = q.dtype
     B, S, H, D = q.shape
+    op_mask = dict(key_padding_mask=mask) if lengths is None else dict(lengths=lengths)
+    if lengths is not None:
+        mask = torch.arange(S, device=q.device)[None, :] < lengths[:, None]
     real = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
     grad = torch.randn(B, S, H, D, device=q.device, dtype=dtype) * real[:, :, None, None]
     kw = dict(softmax_scale=softmax_scale, dropout_p=dropout_p)
     if rng_seed is not None:
         torch.manual_seed(rng_seed)
-    out, grads = _run(lambda *t: attention(*t, mask, backend="triton", **kw), q, k, v, grad)
+    out, grads = _run(lambda *t: attention(*t, backend="triton", **op_mask, **kw), q, k, v, grad)
     ref_kw = dict(kw, dropout_mask=dropout_mask)
     ref, ref_grads = _run(lambda *t: attention_reference(*t, mask, upcast=True, **ref_kw),
                           q.double(), k.double(), v.double(), grad.double())
@@ -123,6 +127,22 @@ def test_torch_backend_real_rows_and_grads(prefix):
     for name, a, b in zip("qkv", got, want):  # the reference's empty row (2) has NaN gradients
         assert_close(a[:2], b[:2], torch.float32, "d" + name)
         assert (a[2] == 0).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lengths_instead_of_a_prefix_mask(dtype):
+    """A prefix mask given by its lengths (no mask loads in the kernels): odd lengths, block edges
+    (32, 33), an empty sequence and a length past S (clamped: every frame real); with dropout too;
+    the torch backend takes them as well."""
+    S = 37
+    lengths = torch.tensor([37, 32, 33, 0, 1, 60], device=DEVICE)
+    q, k, v = _inputs(6, S, 2, 24, dtype)
+    check_against_reference(q, k, v, None, lengths=lengths)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(draw_dropout_seed(q.device), 6, 2, S, 0.3)
+    check_against_reference(q, k, v, None, lengths=lengths, dropout_p=0.3, dropout_mask=keep, rng_seed=7)
+    mask = torch.arange(S, device=DEVICE)[None, :] < lengths[:, None]
+    assert torch.equal(attention(q, k, v, lengths=lengths, backend="torch"), attention(q, k, v, mask, backend="torch"))
 
 
 def test_prefix_lengths():
@@ -272,6 +292,19 @@ def test_bad_input_errors(args, err, match):
     with pytest.raises(err, match=match):
         attention(a["q"], a["k"], a["v"], a["key_padding_mask"], softmax_scale=a.get("softmax_scale"),
                   backend="triton")
+
+
+@pytest.mark.parametrize("mask,lengths,err,match", [
+    (torch.ones(2, 8, dtype=torch.bool), torch.tensor([8, 3]), ValueError, "not both"),
+    (None, torch.tensor([8.0, 3.0]), TypeError, "integer tensor"),
+    (None, [8, 3], TypeError, "integer tensor"),
+    (None, torch.tensor([8, 3, 1]), ValueError, r"shape \[batch\]"),
+    (None, torch.tensor([8, 3], device="meta"), ValueError, "lengths on meta"),
+])
+def test_bad_lengths_errors(mask, lengths, err, match):
+    q, k, v = _inputs(2, 8, 2, 16, torch.float32)
+    with pytest.raises(err, match=match):
+        attention(q, k, v, mask, lengths=lengths, backend="triton")
 
 
 def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
