@@ -173,9 +173,9 @@ def _attn_fwd_kernel(
     row_ok = row_ok & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(lse_ptrs, tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf")), mask=rows < S)
     o_ptrs = o_rows + rows[:, None] * stride_os + offs_d[None, :] * stride_od  # after the loop: not live in it
     tl.store(o_ptrs, to_out(out, out_ptr), mask=(rows[:, None] < n_rows) & d_ok)
-    tl.store(lse_ptrs, tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf")), mask=rows < S)
 
 
 @triton.jit
