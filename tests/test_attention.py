@@ -12,7 +12,8 @@ from unispeech_kernels import _runtime
 from unispeech_kernels._runtime import interpret_mode
 from unispeech_kernels.ops._common import forced_tiles
 from unispeech_kernels.ops.attention import (AttentionInputs, aot_specs, attention, attention_op, attention_reference,
-                                             draw_dropout_seed, dropout_keep_mask, kv_end_from_mask)
+                                             draw_dropout_seed, dropout_keep_mask, kv_end_from_mask,
+                                             mask_args)
 from unispeech_kernels.ops.attention_kernels import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, FWD_CONFIGS, _dkdv_tuned,
                                                      _dq_tuned, _fwd_tuned)
 from unispeech_kernels.padding import prefix_lengths
@@ -38,18 +39,22 @@ def _run(fn, q, k, v, grad, **kw):
     return out.detach(), [t.grad for t in leaves]
 
 
-def check_against_reference(q, k, v, mask, *, dropout_p=0.0, dropout_mask=None, softmax_scale=None,
+def check_against_reference(q, k, v, mask, *, lengths=None, dropout_p=0.0, dropout_mask=None, softmax_scale=None,
                             rng_seed=None):
     """Output (real query rows) and dq, dk, dv within the tolerance of eager same-dtype vs fp64.
-    ``rng_seed``: torch.manual_seed right before the op (so it draws a known dropout seed)."""
+    ``lengths``: the op gets them (a prefix mask's lengths) instead of ``mask``, the references their
+    mask. ``rng_seed``: torch.manual_seed right before the op (so it draws a known dropout seed)."""
     dtype = q.dtype
     B, S, H, D = q.shape
+    op_mask = dict(key_padding_mask=mask) if lengths is None else dict(lengths=lengths)
+    if lengths is not None:
+        mask = torch.arange(S, device=q.device)[None, :] < lengths[:, None]
     real = mask if mask is not None else torch.ones(B, S, dtype=torch.bool, device=q.device)
     grad = torch.randn(B, S, H, D, device=q.device, dtype=dtype) * real[:, :, None, None]
     kw = dict(softmax_scale=softmax_scale, dropout_p=dropout_p)
     if rng_seed is not None:
         torch.manual_seed(rng_seed)
-    out, grads = _run(lambda *t: attention(*t, mask, backend="triton", **kw), q, k, v, grad)
+    out, grads = _run(lambda *t: attention(*t, backend="triton", **op_mask, **kw), q, k, v, grad)
     ref_kw = dict(kw, dropout_mask=dropout_mask)
     ref, ref_grads = _run(lambda *t: attention_reference(*t, mask, upcast=True, **ref_kw),
                           q.double(), k.double(), v.double(), grad.double())
@@ -124,6 +129,22 @@ def test_torch_backend_real_rows_and_grads(prefix):
         assert (a[2] == 0).all(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lengths_instead_of_a_prefix_mask(dtype):
+    """A prefix mask given by its lengths (no mask loads in the kernels): odd lengths, block edges
+    (32, 33), an empty sequence and a length past S (clamped: every frame real); with dropout too;
+    the torch backend takes them as well."""
+    S = 37
+    lengths = torch.tensor([37, 32, 33, 0, 1, 60], device=DEVICE)
+    q, k, v = _inputs(6, S, 2, 24, dtype)
+    check_against_reference(q, k, v, None, lengths=lengths)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(draw_dropout_seed(q.device), 6, 2, S, 0.3)
+    check_against_reference(q, k, v, None, lengths=lengths, dropout_p=0.3, dropout_mask=keep, rng_seed=7)
+    mask = torch.arange(S, device=DEVICE)[None, :] < lengths[:, None]
+    assert torch.equal(attention(q, k, v, lengths=lengths, backend="torch"), attention(q, k, v, mask, backend="torch"))
+
+
 def test_prefix_lengths():
     prefix = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
     assert prefix_lengths(prefix) == [2, 0, 3]
@@ -135,6 +156,18 @@ def test_kv_end_from_mask():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert kv_end_from_mask(mask).tolist() == [2, 0, 3, 4]
     assert kv_end_from_mask(mask).dtype == torch.int32
+
+
+def test_mask_args_reuse_kv_end_until_the_mask_changes():
+    """kv_end is computed once for the mask every layer gets, again for a new or modified mask."""
+    mask = _prefix_mask([5, 3], 8)
+    mask_u8, kv_end = mask_args(mask)
+    assert mask_u8.dtype == torch.uint8 and kv_end.tolist() == [5, 3]
+    assert mask_args(mask)[1] is kv_end
+    assert mask_args(_prefix_mask([5, 3], 8))[1] is not kv_end
+    mask[1, 6] = True
+    assert mask_args(mask)[1].tolist() == [5, 7]
+    assert mask_args(None) == (None, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -259,6 +292,19 @@ def test_bad_input_errors(args, err, match):
     with pytest.raises(err, match=match):
         attention(a["q"], a["k"], a["v"], a["key_padding_mask"], softmax_scale=a.get("softmax_scale"),
                   backend="triton")
+
+
+@pytest.mark.parametrize("mask,lengths,err,match", [
+    (torch.ones(2, 8, dtype=torch.bool), torch.tensor([8, 3]), ValueError, "not both"),
+    (None, torch.tensor([8.0, 3.0]), TypeError, "integer tensor"),
+    (None, [8, 3], TypeError, "integer tensor"),
+    (None, torch.tensor([8, 3, 1]), ValueError, r"shape \[batch\]"),
+    (None, torch.tensor([8, 3], device="meta"), ValueError, "lengths on meta"),
+])
+def test_bad_lengths_errors(mask, lengths, err, match):
+    q, k, v = _inputs(2, 8, 2, 16, torch.float32)
+    with pytest.raises(err, match=match):
+        attention(q, k, v, mask, lengths=lengths, backend="triton")
 
 
 def test_forced_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):

@@ -253,14 +253,14 @@ def test_tuned_choices_reports_what_each_autotuner_picked():
     from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
     assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
                               "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}
-    tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, "torch.bfloat16")
+    tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, False, "torch.bfloat16")
     tuned.cache[key] = FWD_CONFIGS[1]
     try:
         got = tuned_choices()["attention_fwd"]
     finally:
         del tuned.cache[key]
-    assert got["key_names"] == ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]
-    assert {"key": ["1024", "64", "True", "True", "False", "torch.bfloat16"],
+    assert got["key_names"] == ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PREFIX_MASK", "PACKED", "HAS_DROPOUT"]
+    assert {"key": ["1024", "64", "True", "True", "False", "False", "torch.bfloat16"],
             "config": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)} in got["picks"]
     assert report.autotune_table(dict(CANNED, autotune={})) == ""
 

@@ -41,10 +41,12 @@ def _qkv(*shape):
 def test_attention():
     q, k, v = _qkv(2, 19, 2, 24)
     mask = torch.arange(19, device=DEVICE)[None] < torch.tensor([19, 7], device=DEVICE)[:, None]
-    _check(OPS.attention_fwd, (q, k, v, mask, 0.0, 0.2))
-    out, lse, seed = _forward(OPS.attention_fwd, (q, k, v, mask, 0.0, 0.2))
-    dout = torch.randn_like(out).transpose(0, 1).contiguous().transpose(0, 1)  # any strides
-    _check(OPS.attention_bwd, (dout, *_detached(q, k, v), out, lse, seed, mask, 0.0, 0.2))
+    lengths = torch.tensor([19, 7], device=DEVICE)
+    for mask_args in ((mask, None), (None, lengths)):  # a mask, or a prefix mask's lengths
+        _check(OPS.attention_fwd, (q, k, v, *mask_args, 0.0, 0.2))
+        out, lse, seed = _forward(OPS.attention_fwd, (q, k, v, *mask_args, 0.0, 0.2))
+        dout = torch.randn_like(out).transpose(0, 1).contiguous().transpose(0, 1)  # any strides
+        _check(OPS.attention_bwd, (dout, *_detached(q, k, v), out, lse, seed, *mask_args, 0.0, 0.2))
 
 
 def test_attention_packed():

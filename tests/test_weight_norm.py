@@ -156,3 +156,27 @@ def test_dtype_round_trips_refold():
         cached = _model_output(model, audio)
         clear_weight_caches()
         assert torch.equal(cached, _model_output(model, audio))
+
+
+def test_weight_layouts_made_once_per_weight_version():
+    """A kernel's layout of a weight is made once while the weight is unchanged, again after an
+    in-place change or for another ``what``; entries of freed weights go, at most ``size`` stay."""
+    from unispeech_kernels.weight_norm import WeightLayouts
+
+    layouts, w = WeightLayouts(size=2), torch.randn(8, 2, 7)
+    made = []
+
+    def make(t):
+        return lambda: made.append(1) or t.flip(-1).contiguous()
+    first = layouts.get(w, "flip", make(w))
+    assert layouts.get(w, "flip", make(w)) is first and len(made) == 1
+    assert torch.equal(first, w.flip(-1))
+    assert layouts.get(w, "other", make(w)) is not first
+    w.mul_(2.0)  # in place: a version bump
+    assert torch.equal(layouts.get(w, "flip", make(w)), w.flip(-1)) and len(made) == 3
+    assert len(layouts._entries) == 2
+    del w
+    assert layouts.get(torch.randn(3), "flip", make(torch.randn(3))) is not None
+    assert len(layouts._entries) == 1, "the freed weight's layouts are dropped"
+    clear_weight_caches()
+    assert layouts._entries == []

@@ -11,7 +11,8 @@ out on purpose.
 Shapes (bench/cases.py's models and batches; B 8, utterances as the benchmarks draw them, frames as
 the conv stack gives them, every padded batch padded to its longest utterance):
 - attention: base (H 12) and large (H 16), D 64, 5 / 10 / 20 / 30 s (S 249 .. 1499), padded with a
-  prefix mask and packed; the specs compile the large model's H 16 (H only enters index math);
+  prefix mask (given as a mask, or as its lengths: ``_prefix``) and packed; the specs compile the
+  large model's H 16 (H only enters index math);
 - positional conv: base (C 768) and large (C 1024), K 128, 16 groups, 10 / 30 s (T 499 / 1499);
 - feature encoder: 10 / 30 s; layer 0 (1 -> 512, K 10, stride 5; base GroupNorm, large LayerNorm)
   and layers 1-6 (512 channels; K 3 at layers 1-4, K 2 at layers 5-6, which run the K 3 build's
@@ -79,11 +80,20 @@ def _audio(model: str, seconds: int):
 
 # ---- attention (ops/attention.py attn_fwd / attn_bwd) -------------------------------------------------
 def _attention(spec: dict) -> list:
+    """Launches of the op rows a spec belongs to: padded with a mask, padded with its lengths (prefix:
+    no mask loads) or packed; the padded preprocess kernel serves both padded rows."""
+    c, name = spec["constexprs"], spec["fn"].__name__
+    layouts = ["_packed"] if c["PACKED"] else ["_prefix"] if c.get("PREFIX_MASK") else \
+        ["", "_prefix"] if name == "_attn_bwd_preprocess_kernel" else [""]
+    return [launch for layout in layouts for launch in _attention_launches(spec, layout)]
+
+
+def _attention_launches(spec: dict, layout: str) -> list:
     c, name = spec["constexprs"], spec["fn"].__name__
     d, packed, dropout = c["HEAD_DIM"], c["PACKED"], c.get("HAS_DROPOUT", False)  # preprocess: no flag
     kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "bwd",
             "_attn_bwd_dkdv_kernel": "bwd", "_attn_bwd_dq_kernel": "bwd"}[name]
-    op = f"attention{'_packed' if packed else ''}_{kind}" + ("+dropout" if dropout else "")
+    op = f"attention{layout}_{kind}" + ("+dropout" if dropout else "")
     out = []
     for model in ("base", "large"):
         heads = cases.MODELS[model]["num_attention_heads"]
@@ -95,7 +105,7 @@ def _attention(spec: dict) -> list:
             real = sum(frames) * heads * d * BF16  # one [tokens, H, D] tensor over real rows
             full = real if packed else b * s * heads * d * BF16  # ... as the kernel writes it
             rows_f32 = 4 * bh * s  # one fp32 value per (batch, head, row): lse, delta
-            mask = 0 if packed else b * s
+            mask = b * s if layout == "" else 0  # the bool mask, read once
             shape = f"{model} {seconds}s B{b} S{s} H{heads} D{d}"
             if name == "_attn_bwd_preprocess_kernel":
                 blocks = cdiv(s, c["BLOCK_M"]) * bh

@@ -1,4 +1,4 @@
-"""Weight norm of the positional conv, folded once for inference.
+"""Weight norm of the positional conv, folded once for inference, and the kernels' layouts of weights.
 
 ``weight = g * v / ||v||`` (norm over every dim but the kernel one; weight_norm(dim=2)).
 In training (grad enabled and g or v requiring grad) the fold is recomputed every call so autograd
@@ -22,13 +22,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from .ops.pos_conv import fold_weight_norm
 
 
-_ALL_FOLDS: "weakref.WeakSet[FoldedWeightNorm]" = weakref.WeakSet()
+_ALL_CACHES: "weakref.WeakSet" = weakref.WeakSet()  # every FoldedWeightNorm and WeightLayouts
 
 
 def clear_weight_caches() -> None:
-    """Forget every cached fold in this process (our models' and patched transformers models'), e.g.
-    after writing a positional conv's g or v through ``.data``."""
-    for fold in list(_ALL_FOLDS):
+    """Forget every cached fold and weight layout in this process (our models' and patched
+    transformers models'), e.g. after writing a positional conv's g or v through ``.data``."""
+    for fold in list(_ALL_CACHES):
         fold.clear()
 
 
@@ -37,12 +37,40 @@ def _identity(t: torch.Tensor) -> tuple:
     return StorageWeakRef(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device
 
 
+class WeightLayouts:
+    """Copies of weights in the layout a kernel reads (e.g. the positional conv's permuted taps),
+    each made once per weight version: keyed as the fold is (``_identity``) and on what is made. An
+    entry goes when its weight's storage is freed; at most ``size`` are kept. Not cached: under
+    torch.compile (untraceable keys) and for inference tensors (no version counter)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._entries: list = []  # [(key, layout)], the newest last
+        _ALL_CACHES.add(self)
+
+    def clear(self) -> None:
+        self._entries = []
+
+    def get(self, weight: torch.Tensor, what, make):
+        """``make()``, or what it returned before for the same ``what`` of this weight version."""
+        if torch.compiler.is_compiling() or weight.is_inference():
+            return make()
+        key = (what, _identity(weight))
+        self._entries = [e for e in self._entries if not e[0][1][0].expired()]
+        for entry_key, layout in self._entries:
+            if entry_key == key:
+                return layout
+        layout = make()
+        self._entries = (self._entries + [(key, layout)])[-self.size:]
+        return layout
+
+
 class FoldedWeightNorm:
     """Callable returning the folded weight of (g, v), cached while they are unchanged."""
 
     def __init__(self):
         self.clear()
-        _ALL_FOLDS.add(self)
+        _ALL_CACHES.add(self)
 
     def __reduce__(self):  # copies and unpickled models get a fresh, empty, registered cache
         return FoldedWeightNorm, ()

@@ -10,7 +10,9 @@ mask works; the kernels load it per key block, and loop only up to ``kv_end`` = 
 length are skipped and query blocks past it exit early. With PACKED the same kernels read sequences
 stored back to back in [N, H, D] rows (``attention_packed.py``). The Triton op defines padded query
 rows as zeros: gradients through them are zero (the torch backend returns attention over real keys
-there; both are within the contract "any finite value").
+there; both are within the contract "any finite value"). Eager calls launch through
+``TritonAttentionFunction`` (host time per call: ``bench/test_attention_host.py``), torch.compile
+traces the torch.library ops; a mask's kv_end is computed once while the same mask tensor comes back.
 Dropout: a uniform per (batch*head, query, key), one Philox draw (four uniforms) per four consecutive
 keys of a query, from a seed drawn on the device with torch's generator (``torch.manual_seed``
 reproduces it), saved for the backward, which regenerates the mask.
@@ -21,8 +23,10 @@ File order: torch reference -> contract (inputs, checks) -> launchers -> torch.l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from .._runtime import SM90_SHARED_MEMORY, dot_flags
 from ..dispatch import Inputs, Op
-from ..padding import prefix_lengths
+from ..padding import mask_from_lengths, prefix_lengths
 from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2
 
 MAX_HEAD_DIM = 256
@@ -105,6 +109,22 @@ def check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     check_dropout_and_scale(dropout_p, softmax_scale)
 
 
+def check_lengths(q, key_padding_mask, lengths):
+    """``lengths``, when given instead of a mask: a [batch] integer tensor on q's device."""
+    if lengths is None:
+        return
+    if key_padding_mask is not None:
+        raise ValueError("attention: pass key_padding_mask or lengths (a prefix mask's lengths), not both")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+            or lengths.dtype == torch.bool:
+        raise TypeError(f"attention: lengths must be an integer tensor, got "
+                        f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+    if tuple(lengths.shape) != (q.shape[0],):
+        raise ValueError(f"attention: lengths must have shape [batch] = ({q.shape[0]},), got {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        raise ValueError(f"attention: lengths on {lengths.device}, q on {q.device}")
+
+
 class AttentionCall(Inputs):
     """What both attention ops' inputs share: q, dropout_p, softmax_scale."""
 
@@ -126,10 +146,11 @@ class AttentionInputs(AttentionCall):
     key_padding_mask: Optional[torch.Tensor] = None  # bool [B, S], True = real frame
     dropout_p: float = 0.0
     softmax_scale: Optional[float] = None  # None: 1 / sqrt(D)
+    lengths: Optional[torch.Tensor] = None  # [B] integer: a prefix mask's lengths, instead of the mask
 
     @property
     def tensors(self):
-        return self.q, self.k, self.v, self.key_padding_mask
+        return self.q, self.k, self.v, self.key_padding_mask, self.lengths
 
     @property
     def float_tensors(self):
@@ -146,7 +167,8 @@ FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
 
 # ----------------------------------------------------------------------------------------- launchers
 
-def _kernels():
+@functools.lru_cache(None)
+def _kernels():  # imported once, at the first launch (a per-call import costs microseconds)
     from . import attention_kernels
 
     return attention_kernels
@@ -163,6 +185,23 @@ def kv_end_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, pos, 0).amax(dim=1).to(torch.int32)
 
 
+_LAST_MASK: list = [None, -1, None]  # weak reference to the last mask seen, its version, its kv_end
+
+
+def mask_args(mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor] = None):
+    """(mask as uint8 [B, S], kv_end [B] int32) as the launchers take them: (None, lengths) for a
+    prefix mask given by its lengths (the kernels clamp them to [0, S]), (None, None) without a mask.
+    Every layer of a forward attends with the same mask tensor: its kv_end is computed once (device
+    ops, no host sync) and reused while that tensor lives unmodified."""
+    if mask is None:
+        return None, (None if lengths is None else lengths.to(torch.int32))
+    ref, version, kv_end = _LAST_MASK
+    if ref is None or ref() is not mask or mask._version != version:
+        kv_end = kv_end_from_mask(mask)
+        _LAST_MASK[:] = [weakref.ref(mask), mask._version, kv_end]
+    return mask.view(torch.uint8), kv_end
+
+
 def strides(t):
     """A tensor's strides as the kernels take them; packed [N, H, D] rows get the batch stride 0 of
     [B, S, H, D] (the kernels find a sequence's rows from seq_start_ptr)."""
@@ -175,30 +214,37 @@ def _block_d(head_dim: int) -> int:
 
 def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float, seq_start=None,
              max_len: int = 0):
-    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). Packed
+    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). ``seed``: [1]
+    int64, None without dropout. Packed
     (``seq_start`` [B] int32 first rows, ``kv_end`` the lengths): q, k, v and out are [N, H, D] rows
-    and S = ``max_len``."""
+    and S = ``max_len``. ``kv_end`` without ``mask_u8`` (padded): a prefix mask, no mask loads."""
     kern = _kernels()
     packed = seq_start is not None
     (B, S), (H, D) = ((seq_start.numel(), max_len) if packed else q.shape[:2]), q.shape[-2:]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    has_mask = mask_u8 is not None
-    args = (q, k, v, out, lse, mask_u8 if has_mask else lse, kv_end if kv_end is not None else lse,
-            seq_start if packed else lse, seed,
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((B, H, S), dtype=torch.float32)
+    loads_mask = mask_u8 is not None
+    args = (q, k, v, out, lse, mask_u8 if loads_mask else lse, kv_end if kv_end is not None else lse,
+            seq_start if packed else lse, seed if seed is not None else lse,
             *strides(q), *strides(k), *strides(v), *strides(out),
-            *(strides(mask_u8) if has_mask else (0, 0)),
+            *(strides(mask_u8) if loads_mask else (0, 0)),
             H, S, softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
-                 **dot_flags(q.dtype))
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), **_mask_flags(loads_mask, kv_end, packed),
+                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
     launch_tuned(kern._fwd_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
                  interpret=kern.INTERPRET_TILES)
     return out, lse
 
 
+def _mask_flags(loads_mask: bool, kv_end, packed: bool) -> dict:
+    """HAS_MASK (padded, kv_end given), PREFIX_MASK (HAS_MASK with no mask to load: kv_end alone) and PACKED."""
+    has_mask = kv_end is not None and not packed
+    return dict(HAS_MASK=has_mask, PREFIX_MASK=has_mask and not loads_mask, PACKED=packed)
+
+
 def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float,
              seq_start=None):
-    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` are None without a padding mask.
+    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` as ``attn_fwd`` takes them.
     Packed (``seq_start`` given, ``kv_end`` the lengths): every tensor is [N, H, D] rows, S = lse's."""
     kern = _kernels()
     B, H, S = lse.shape
@@ -211,18 +257,19 @@ def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, s
     kern._attn_bwd_preprocess_kernel[(cdiv(S, kern.PREPROCESS_BLOCK_M), B * H)](
         out, dout, delta, kv_end if packed else delta, seq_start if packed else delta, *strides(out),
         *strides(dout), H, S, HEAD_DIM=D, BLOCK_M=kern.PREPROCESS_BLOCK_M, BLOCK_D=_block_d(D), PACKED=packed)
-    has_mask = mask_u8 is not None
-    mask_arg = mask_u8 if has_mask else delta
-    mask_strides = strides(mask_u8) if has_mask else (0, 0)
+    loads_mask = mask_u8 is not None
+    mask_arg = mask_u8 if loads_mask else delta
+    mask_strides = strides(mask_u8) if loads_mask else (0, 0)
     kv_arg = kv_end if kv_end is not None else delta
     start_arg = seq_start if packed else delta
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))
     scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p), length_bucket(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PACKED=packed, HAS_DROPOUT=dropout_p > 0.0,
-                 **dot_flags(q.dtype))
-    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dk),
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), **_mask_flags(loads_mask, kv_end, packed),
+                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
+    seed_arg = seed if seed is not None else delta
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dk),
                  *mask_strides, *scalars)
-    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed, *common, *strides(dq),
+    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dq),
                *mask_strides, *scalars)
     launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), *dkdv_args, **flags,
                  interpret=kern.INTERPRET_TILES)
@@ -239,25 +286,51 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, drop
     return keep.view(batch, heads, seq, seq).bool()
 
 
-def _mask_args(key_padding_mask):
-    if key_padding_mask is None:
-        return None, None
-    return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
+class TritonAttentionFunction(torch.autograd.Function):
+    """Eager autograd of the Triton kernels, padded or packed (``attn_fwd`` / ``attn_bwd`` arguments).
+    Eager calls come here rather than through the torch.library ops below, whose dispatch costs more
+    host time than the launch itself; torch.compile traces the ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_u8, kv_end, seq_start, max_len, dropout_p, softmax_scale):
+        seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+        out, lse = attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p, softmax_scale, seq_start, max_len)
+        ctx.save_for_backward(q, k, v, out, lse, seed, mask_u8, kv_end, seq_start)
+        ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seed, mask_u8, kv_end, seq_start = ctx.saved_tensors
+        dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, ctx.dropout_p, ctx.softmax_scale,
+                              seq_start)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_attention(inputs: AttentionCall, mask_u8, kv_end, seq_start=None, max_len: int = 0):
+    """The Triton forward of an eager call: the launcher alone when no gradient is needed, else
+    ``TritonAttentionFunction``; under torch.compile the callers use the torch.library ops instead."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    dropout_p, scale = float(inputs.dropout_p), float(inputs.scale)
+    if inputs.needs_grad:
+        return TritonAttentionFunction.apply(q, k, v, mask_u8, kv_end, seq_start, max_len, dropout_p, scale)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    return attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p, scale, seq_start, max_len)[0]
 
 
 @torch.library.custom_op("unispeech_kernels::attention_fwd", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, "
-                                "float softmax_scale) -> (Tensor, Tensor, Tensor)")
-def attention_fwd_op(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? lengths, "
+                                "float dropout_p, float softmax_scale) -> (Tensor, Tensor, Tensor)")
+def attention_fwd_op(q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale):
     """Triton forward as a torch.library op: (out, lse, seed)."""
     seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
             else torch.zeros(1, dtype=torch.int64, device=q.device))
-    out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale)
+    out, lse = attn_fwd(q, k, v, *mask_args(key_padding_mask, lengths), seed, dropout_p, softmax_scale)
     return out, lse, seed
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+def _(q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale):
     B, S, H, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
@@ -265,31 +338,31 @@ def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
 
 @torch.library.custom_op("unispeech_kernels::attention_bwd", mutates_args=(),
                          schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seed, "
-                                "Tensor? key_padding_mask, float dropout_p, float softmax_scale) "
+                                "Tensor? key_padding_mask, Tensor? lengths, float dropout_p, float softmax_scale) "
                                 "-> (Tensor, Tensor, Tensor)")
-def attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
+def attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, lengths, dropout_p, softmax_scale):
     """Triton backward as a torch.library op: (dq, dk, dv)."""
-    return attn_bwd(dout, q, k, v, out, lse, seed, *_mask_args(key_padding_mask), dropout_p, softmax_scale)
+    return attn_bwd(dout, q, k, v, out, lse, seed, *mask_args(key_padding_mask, lengths), dropout_p, softmax_scale)
 
 
 @attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
+def _(dout, q, k, v, out, lse, seed, key_padding_mask, lengths, dropout_p, softmax_scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, dropout_p, softmax_scale = inputs
+    q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale = inputs
     out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask)
+    ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask, lengths)
     ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
     ctx.mark_non_differentiable(lse, seed)
 
 
 def _backward(ctx, dout, _dlse, _dseed):
-    q, k, v, out, lse, seed, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, ctx.dropout_p,
+    q, k, v, out, lse, seed, key_padding_mask, lengths = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, seed, key_padding_mask, lengths, ctx.dropout_p,
                                   ctx.softmax_scale)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -311,8 +384,10 @@ def attention_torch(inputs: AttentionInputs):
     """torch SDPA. A prefix mask (audio padding) runs SDPA per sequence on its real frames, with no
     mask (SDPA's fast path, no padded work; padded query rows are zero); any other mask goes to
     SDPA as a boolean mask. Fully padded sequences give zeros."""
-    q, k, v, key_padding_mask = inputs.tensors
+    q, k, v, key_padding_mask, lengths = inputs.tensors
     dropout_p, softmax_scale = inputs.dropout_p, inputs.softmax_scale
+    if lengths is not None:
+        key_padding_mask = mask_from_lengths(lengths, q.shape[1])
     if key_padding_mask is not None and not torch.compiler.is_compiling():
         lengths = prefix_lengths(key_padding_mask)  # one host sync
         if lengths is not None:
@@ -349,17 +424,25 @@ TRITON_CAPABILITIES = dict(runtime="triton", dtypes=KERNEL_DTYPES, features=tupl
 @attention_op.backend("triton", **TRITON_CAPABILITIES)
 def attention_triton(inputs: AttentionInputs):
     """Flash-style Triton kernels; padded query rows return zeros."""
-    return attention_fwd_op(inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, float(inputs.dropout_p),
-                            float(inputs.scale))[0]
+    if torch.compiler.is_compiling():
+        return attention_fwd_op(inputs.q, inputs.k, inputs.v, inputs.key_padding_mask, inputs.lengths,
+                                float(inputs.dropout_p), float(inputs.scale))[0]
+    return triton_attention(inputs, *mask_args(inputs.key_padding_mask, inputs.lengths))
 
 
-def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, dropout_p: float = 0.0,
-              softmax_scale: Optional[float] = None, backend: Optional[str] = None, fallback: bool = False):
-    """Masked bidirectional attention; see the module docstring for shapes. ``backend`` forces one
-    (None: the dispatcher picks); with ``fallback=True`` a forced backend that cannot run the input
-    warns once, naming the reason, and the dispatcher picks instead of raising."""
+def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+              fallback: bool = False):
+    """Masked bidirectional attention; see the module docstring for shapes. ``lengths`` [B] (integer,
+    on q's device) instead of a mask: the prefix mask of audio padding, frame t of sequence b real iff
+    t < lengths[b]; the kernels then read no mask at all (compute it once per forward, e.g. from the
+    frame lengths). ``backend`` forces one (None: the dispatcher picks); with ``fallback=True`` a
+    forced backend that cannot run the input warns once, naming the reason, and the dispatcher
+    picks instead of raising."""
     check_attention_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
-    return attention_op(AttentionInputs(q, k, v, key_padding_mask, dropout_p, softmax_scale), backend, fallback)
+    check_lengths(q, key_padding_mask, lengths)
+    inputs = AttentionInputs(q, k, v, key_padding_mask, dropout_p, softmax_scale, lengths)
+    return attention_op(inputs, backend, fallback)
 
 
 @attention_op.example
@@ -388,7 +471,7 @@ def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
     bool) frame stride, whose batch stride S is any length; at model shapes (D 64/80/128, H 16)
     pointers are 16-aligned and the other strides, H and S_BUCKET divisible by 16 (packed rows pass
     the unused mask strides as 0). Without these hints loads compile unvectorised and unpipelined."""
-    mask = constexprs.get("HAS_MASK", False)
+    mask = constexprs.get("HAS_MASK", False) and not constexprs.get("PREFIX_MASK", False)  # a mask is loaded
     unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d") or mask and a == "stride_ms"]
     constexprs = {**{a: 1 for a in unit}, **constexprs}
     types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET")
@@ -414,12 +497,14 @@ def aot_specs():
                     kept = kern.prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
                                                 block_d=_block_d(d), elem_size=torch.finfo(dtype).bits // 8,
                                                 s_bucket=_AOT_SEQ, max_smem=SM90_SHARED_MEMORY, dropout=dropout)
-                    # padded batches with a mask (transformers' models) and packed rows (ours)
-                    for packed, c in itertools.product((False, True), kept):
-                        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_MASK=not packed, PACKED=packed,
-                                     HAS_DROPOUT=dropout, UPCAST=False, DOT_PREC="tf32", **c.kwargs)
+                    # padded batches with a mask (transformers' models) or its lengths (prefix), packed rows (ours)
+                    for layout, c in itertools.product(("", "_prefix", "_packed"), kept):
+                        packed = layout == "_packed"
+                        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_MASK=not packed,
+                                     PREFIX_MASK=layout == "_prefix", PACKED=packed, HAS_DROPOUT=dropout,
+                                     UPCAST=False, DOT_PREC="tf32", **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
-                              f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + "_packed" * packed
+                              f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + layout
                         specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
             for packed in (False, True):
                 specs.append(_aot_spec(f"attn_bwd_preprocess_{elem}_d{d}" + "_packed" * packed,

@@ -26,7 +26,7 @@ import torch
 from ..dispatch import Op
 from ..padding import host_to_device, sequence_starts
 from .attention import (FEATURES, TRITON_CAPABILITIES, AttentionCall, attn_bwd, attn_fwd, check_dropout_and_scale,
-                        check_qkv, draw_dropout_seed, sdpa_unmasked)
+                        check_qkv, draw_dropout_seed, sdpa_unmasked, triton_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +141,11 @@ def attention_packed_torch(inputs: PackedAttentionInputs):
 @attention_packed_op.backend("triton", **TRITON_CAPABILITIES)
 def attention_packed_triton(inputs: PackedAttentionInputs):
     """The flash-style Triton kernels on packed rows."""
-    return attention_packed_fwd_op(inputs.q, inputs.k, inputs.v, list(inputs.lengths), float(inputs.dropout_p),
-                                   float(inputs.scale))[0]
+    if torch.compiler.is_compiling():
+        return attention_packed_fwd_op(inputs.q, inputs.k, inputs.v, list(inputs.lengths), float(inputs.dropout_p),
+                                       float(inputs.scale))[0]
+    starts, lens = _sequence_table(inputs.lengths, inputs.q.device)
+    return triton_attention(inputs, None, lens, starts, max(inputs.lengths))
 
 
 def attention_packed(q, k, v, lengths: Sequence[int], *, dropout_p: float = 0.0,

@@ -266,7 +266,7 @@ def _cfg(bm, bn, bk, warps, stages):
 # BLOCK_M * BLOCK_N / (32 * num_warps) registers per thread: 64 leaves room for the operand pipeline
 # and the GELU / LayerNorm epilogue; 128 (128 x 256 at 8 warps, 128 x 128 at 4) spills there (the dX /
 # dW GEMMs, a plain store, fit 128 x 256 at 8 warps), and 16 warps cap a thread at 128 registers.
-FWD_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+FWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
                _cfg(64, 256, 64, 8, 3)]
 # LayerNorm epilogue: a program loops over all C_out channels of its BLOCK_M rows, BLOCK_N at a time
 FWD_NORM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 64, 64, 4, 4),

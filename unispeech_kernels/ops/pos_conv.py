@@ -11,9 +11,10 @@ autocast the op casts its inputs to autocast's dtype and runs in it (``follows_a
 Triton backend (kernels: ``pos_conv_kernels.py``): per group an implicit GEMM
     pre[b, t, g*CG + co] = sum_{k, ci} x[b, t + k - P, g*CG + ci] * W[g*CG + co, ci, k] + bias
 over the reduction index r = k * CG + ci (length K * CG: 6144 base, 8192 large) against W
-reorganised once per call to [G, K * CG, CG]; tensor-core dots with fp32 accumulation; epilogue
-bias, exact-erf GELU, residual add of x, one store. The dX backward is the same kernel on the
-flipped taps (FLIP); dW, db and GELU's derivative have kernels of their own.
+reorganised to [G, K * CG, CG] once per weight version (``weight_norm.WeightLayouts``);
+tensor-core dots with fp32 accumulation; epilogue bias, erf GELU, residual add of x, one store.
+The dX backward is the same kernel on the flipped taps (FLIP); dW, db and GELU's derivative have
+kernels of their own.
 The post-norm encoder's LayerNorm after this op is not fused in: it needs all C channels of a frame,
 a program owns one group's CG. Owning every group would cut the grid 16x (1024 -> 64 programs at
 B 8, T 500 on 132 SMs) to save one memory-bound pass of ~12 MB (a few microseconds next to a conv
@@ -24,6 +25,7 @@ backends -> entry point -> aot_specs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -114,12 +116,21 @@ def block_n(cg: int) -> int:
     return min(128, max(16, next_power_of_2(cg)))
 
 
+@functools.lru_cache(None)
+def _layouts():
+    from ..weight_norm import WeightLayouts  # weight_norm imports this module
+
+    return WeightLayouts()
+
+
 def _reorganised(weight, groups, flip: bool):
     """[C, CG, K] -> [G, K * CG, CG]: row k*CG + ci, column co (forward), or row k*CG + co, column ci
-    (``flip``, for dX)."""
-    c, cg, k = weight.shape
-    order = (0, 3, 1, 2) if flip else (0, 3, 2, 1)
-    return weight.reshape(groups, cg, cg, k).permute(*order).contiguous().view(groups, k * cg, cg)
+    (``flip``, for dX); a copy (9-17 MB at model shapes) made once per weight version."""
+    def make():
+        c, cg, k = weight.shape
+        order = (0, 3, 1, 2) if flip else (0, 3, 2, 1)
+        return weight.reshape(groups, cg, cg, k).permute(*order).contiguous().view(groups, k * cg, cg)
+    return _layouts().get(weight, ("pos_conv", groups, flip), make)
 
 
 def _channels_last(t):
