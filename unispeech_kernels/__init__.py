@@ -11,6 +11,7 @@ from .ops.rel_pos_attention import RelativePositionBias, rel_pos_attention
 from .weight_norm import clear_weight_caches
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_packed", "rel_pos_attention", "RelativePositionBias", "feature_encoder", "forced_align", "pos_conv_embed", "fold_weight_norm",
+__all__ = ["attention", "attention_packed", "rel_pos_attention", "RelativePositionBias", "feature_encoder",
+           "forced_align", "pos_conv_embed", "fold_weight_norm",
            "clear_weight_caches", "patch_model", "unpatch_model", "register_transformers_attention",
            "BackendUnavailableError", "resolve_backend", "__version__"]

@@ -18,9 +18,16 @@ in-kernel fp32 log would not give: at the default 320 buckets / 800 distance, di
 2.4 ulps below a bucket boundary.
 
 Backends: "torch", the bias of one sequence at a time (a float mask) into SDPA, on its real frames
-(audio's prefix masks) or with the key-padding mask folded in. Autograd gives every gradient.
+(audio's prefix masks) or with the key-padding mask folded in; autograd gives every gradient.
+"triton" (kernels: ``rel_pos_attention_kernels.py``): attention's flash-style forward and
+deterministic backward with the bias gathered per score; the backward gives dq, dk, dv, d(gate) (a
+row sum in the dQ kernel) and d(table) (per-program diagonal sums of dS * gate, summed per bucket
+on the host: no atomics); extra memory O(B * H * S * (BLOCK_N + 2 S / BLOCK_M)) fp32 in the
+backward only, no [B, H, S, S]. Opt-in (``auto=False``) until a GPU run shows it faster than the
+torch backend. Padded query rows are zeros, dropout as attention's (same Philox stream).
 
-File order: torch reference -> contract (inputs, checks) -> backends -> functional entry point.
+File order: torch reference -> contract (inputs, checks) -> launchers -> torch.library ops + autograd
+-> backends -> functional entry point.
 """
 from __future__ import annotations
 
@@ -31,9 +38,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._runtime import dot_flags, interpret_mode
 from ..dispatch import Op
 from ..padding import prefix_lengths
-from .attention import AttentionCall, check_attention_inputs
+from ._common import cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
+from .attention import (TRITON_CAPABILITIES, AttentionCall, _block_d, check_attention_inputs, draw_dropout_seed,
+                        kv_end_from_mask, strides)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -157,6 +167,155 @@ class RelPosAttentionInputs(AttentionCall):
 FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
 
 
+# ----------------------------------------------------------------------------------------- launchers
+
+def _kernels():
+    from . import rel_pos_attention_kernels
+
+    return rel_pos_attention_kernels
+
+
+def _bias_args(table, gate, num_buckets, max_distance, seq):
+    """The kernels' fp32 [H, 2, L] table by distance and contiguous fp32 [B, S, H] gate (or None)."""
+    by_distance = distance_table(table.detach().float(), num_buckets, max_distance, seq).contiguous()
+    return by_distance, (gate.detach().float().contiguous() if gate is not None else None)
+
+
+def _mask_args(key_padding_mask):
+    if key_padding_mask is None:
+        return None, None
+    return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
+
+
+def rel_pos_fwd(q, k, v, by_distance, gate, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float):
+    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain)."""
+    from .attention_kernels import INTERPRET_TILES
+
+    B, S, H, D = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    args = (q, k, v, out, lse, by_distance, gate if gate is not None else lse, lse if mask_u8 is None else mask_u8,
+            lse if kv_end is None else kv_end, seed, *strides(q), *strides(k), *strides(v), *strides(out),
+            *(strides(mask_u8) if mask_u8 is not None else (0, 0)), H, S, by_distance.shape[2],
+            softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_GATE=gate is not None, HAS_MASK=mask_u8 is not None,
+                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
+    launch_tuned(_kernels()._fwd_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
+                 interpret=INTERPRET_TILES)
+    return out, lse
+
+
+def rel_pos_bwd(dout, q, k, v, out, lse, seed, by_distance, gate, mask_u8, kv_end, dropout_p: float,
+                softmax_scale: float):
+    """Launch preprocess, dK/dV and dQ: (dq, dk, dv, ddiag [B*H, m blocks, 2S], dgate [B, S, H] or None)."""
+    from . import attention_kernels
+
+    kern = _kernels()
+    B, H, S = lse.shape
+    D = q.shape[-1]
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    attention_kernels._attn_bwd_preprocess_kernel[(cdiv(S, attention_kernels.PREPROCESS_BLOCK_M), B * H)](
+        out, dout, delta, delta, delta, *strides(out), *strides(dout), H, S, HEAD_DIM=D,
+        BLOCK_M=attention_kernels.PREPROCESS_BLOCK_M, BLOCK_D=_block_d(D), PACKED=False)
+    has_mask = mask_u8 is not None
+    tables = (by_distance, gate if gate is not None else delta, mask_u8 if has_mask else delta,
+              kv_end if has_mask else delta, seed)
+    common = (*strides(q), *strides(k), *strides(v), *strides(dout))
+    scalars = (H, S, by_distance.shape[2], softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p))
+    mask_strides = strides(mask_u8) if has_mask else (0, 0)
+    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_GATE=gate is not None, HAS_MASK=has_mask,
+                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
+    launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), q, k, v, dout, dk, dv, lse, delta,
+                 *tables, *common, *strides(dk), *mask_strides, *scalars, length_bucket(S), **flags,
+                 interpret=attention_kernels.INTERPRET_TILES)
+    dq_kernel = kern._rel_pos_bwd_dq_kernel
+    tiles = tile_config(dq_kernel, gpu=kern.DQ_TILES, interpret=attention_kernels.INTERPRET_TILES)
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    grid = (cdiv(S, block_m), B * H)
+    ddiag = torch.zeros((B * H, grid[0], 2 * S), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((B * H * grid[0], block_m * block_n), dtype=torch.float32, device=q.device)
+    dgate = torch.empty((B, S, H), dtype=torch.float32, device=q.device) if gate is not None else None
+    launch = {} if interpret_mode() else dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    dq_kernel[grid](q, k, v, dout, dq, dgate if gate is not None else delta, ddiag, scratch, lse, delta, *tables,
+                    *common, *strides(dq), *mask_strides, *scalars, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_T=next_power_of_2(block_m + block_n - 1), **launch)
+    return dq, dk, dv, ddiag, dgate
+
+
+def table_grad(ddiag, heads: int, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """[num_buckets, H] d(table) from the dQ kernel's diagonal sums: rows summed, then each
+    relative position's sum added to its bucket (a one-hot product: deterministic)."""
+    S = ddiag.shape[-1] // 2
+    per_position = ddiag.view(-1, heads, ddiag.shape[1], 2 * S).sum((0, 2))[:, :2 * S - 1]  # [H, 2S - 1]
+    rel = torch.arange(1 - S, S, device=ddiag.device)
+    one_hot = F.one_hot(relative_position_bucket(rel, num_buckets, max_distance), num_buckets).to(per_position.dtype)
+    return (per_position @ one_hot).t()
+
+
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor table, Tensor? gate, Tensor? key_padding_mask, int num_buckets, "
+               "int max_distance, float dropout_p, float softmax_scale) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("unispeech_kernels::rel_pos_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def rel_pos_attention_fwd_op(q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p,
+                             softmax_scale):
+    """Triton forward as a torch.library op: (out, lse, seed)."""
+    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
+            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    by_distance, gate32 = _bias_args(table, gate, num_buckets, max_distance, q.shape[1])
+    out, lse = rel_pos_fwd(q, k, v, by_distance, gate32, *_mask_args(key_padding_mask), seed, dropout_p,
+                           softmax_scale)
+    return out, lse, seed
+
+
+@rel_pos_attention_fwd_op.register_fake
+def _(q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p, softmax_scale):
+    B, S, H, _ = q.shape
+    return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
+            q.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("unispeech_kernels::rel_pos_attention_bwd", mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seed, "
+                                "Tensor table, Tensor? gate, Tensor? key_padding_mask, int num_buckets, "
+                                "int max_distance, float dropout_p, float softmax_scale) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def rel_pos_attention_bwd_op(dout, q, k, v, out, lse, seed, table, gate, key_padding_mask, num_buckets,
+                             max_distance, dropout_p, softmax_scale):
+    """Triton backward as a torch.library op: (dq, dk, dv, d table, d gate (empty without a gate))."""
+    by_distance, gate32 = _bias_args(table, gate, num_buckets, max_distance, q.shape[1])
+    dq, dk, dv, ddiag, dgate = rel_pos_bwd(dout, q, k, v, out, lse, seed, by_distance, gate32,
+                                           *_mask_args(key_padding_mask), dropout_p, softmax_scale)
+    dtable = table_grad(ddiag, q.shape[2], num_buckets, max_distance).to(table.dtype)
+    return dq, dk, dv, dtable, (dgate.to(gate.dtype) if gate is not None else table.new_empty(0))
+
+
+@rel_pos_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, seed, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p,
+      softmax_scale):
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), table.new_empty(table.shape),
+            gate.new_empty(gate.shape) if gate is not None else table.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p, softmax_scale = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, table, gate, key_padding_mask)
+    ctx.settings = (num_buckets, max_distance, dropout_p, softmax_scale)
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _backward(ctx, dout, _dlse, _dseed):
+    q, k, v, out, lse, seed, table, gate, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv, dtable, dgate = rel_pos_attention_bwd_op(dout, q, k, v, out, lse, seed, table, gate,
+                                                         key_padding_mask, *ctx.settings)
+    return dq, dk, dv, dtable, (dgate if gate is not None else None), None, None, None, None, None
+
+
+rel_pos_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 # ------------------------------------------------------------------------------------------ backends
 
 rel_pos_attention_op = Op("rel_pos_attention", features=FEATURES)
@@ -200,6 +359,15 @@ def rel_pos_attention_torch(inputs: RelPosAttentionInputs):
             out = out * key_padding_mask[b].any().to(out.dtype)
         outs.append(F.pad(out, (0, 0, 0, 0, 0, S - n)))
     return torch.stack(outs)
+
+
+@rel_pos_attention_op.backend("triton", **TRITON_CAPABILITIES, auto=False)
+def rel_pos_attention_triton(inputs: RelPosAttentionInputs):
+    """Flash-style Triton kernels with the bias made per score; padded query rows return zeros."""
+    rel_pos = inputs.rel_pos
+    return rel_pos_attention_fwd_op(inputs.q, inputs.k, inputs.v, rel_pos.table, rel_pos.gate,
+                                    inputs.key_padding_mask, rel_pos.num_buckets, rel_pos.max_distance,
+                                    float(inputs.dropout_p), float(inputs.scale))[0]
 
 
 def rel_pos_attention(q, k, v, rel_pos: RelativePositionBias, key_padding_mask: Optional[torch.Tensor] = None, *,
