@@ -382,8 +382,9 @@ _POINTER_TYPES = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "mask_ptr": "*u8", "
 _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
 
 
-def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
-    """The kernels' argument types follow their names; the last dim is contiguous at real shapes
+def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma, fp32_pointers=(), ints=()):
+    """The kernels' argument types follow their names (``fp32_pointers`` and ``ints`` add names of
+    a variant's own fp32 buffers and integer arguments); the last dim is contiguous at real shapes
     (Triton specialises those strides to the constant 1), and so is the key-padding mask's ([B, S]
     bool) frame stride, whose batch stride S is any length; at model shapes (D 64/80/128, H 16)
     pointers are 16-aligned and the other strides, H and S_BUCKET divisible by 16 (packed rows pass
@@ -391,8 +392,9 @@ def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
     mask = constexprs.get("HAS_MASK", False)
     unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d") or mask and a == "stride_ms"]
     constexprs = {**{a: 1 for a in unit}, **constexprs}
-    types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET")
-                                   or a.startswith("stride_") else "*" + elem) for a in fn.arg_names}
+    pointers = {**_POINTER_TYPES, **{a: "*fp32" for a in fp32_pointers}}
+    types = {a: pointers.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET", *ints)
+                             or a.startswith("stride_") else "*" + elem) for a in fn.arg_names}
     divisible = [a for a in fn.arg_names if a not in constexprs and (
         a.startswith("stride_") and not (mask and a == "stride_mb") or a in ("H", "S_BUCKET"))]
     return aot_spec(name, fn, types, constexprs, num_warps, num_stages, mma, divisible)

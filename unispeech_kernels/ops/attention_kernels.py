@@ -400,17 +400,6 @@ FWD_CONFIGS = [
 ]
 
 
-def _fwd_prune(configs, named_args, **kwargs):
-    q = named_args["q_ptr"]
-    return prune_by_budget(configs, resident="BLOCK_M", n_acc=1, n_score=1, block_d=kwargs["BLOCK_D"],
-                           elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
-                           max_smem=shared_memory_per_block(q.device.index), dropout=kwargs["HAS_DROPOUT"])
-
-
-_fwd_tuned = autotuned("attention_fwd", FWD_CONFIGS, ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"],
-                       _fwd_prune)(_attn_fwd_kernel)
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV: BLOCK_N keys per program, dQ: BLOCK_M rows.
 BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -432,7 +421,7 @@ MMA_ROWS = 16  # rows of one tensor-core (mma.sync m16 / wgmma m64 per 4 warps) 
 
 
 def prune_by_budget(configs, *, resident: str, n_acc: int, n_score: int, block_d: int, elem_size: int,
-                    s_bucket: int, max_smem: int, dropout: bool):
+                    s_bucket: int, max_smem: int, dropout: bool, bias: bool = False):
     """Keep the configs whose resident fp32 tiles (``n_acc`` accumulators of [``resident`` block,
     BLOCK_D] plus the [BLOCK_M, BLOCK_N] score tile) fit the register budget and whose pipelined
     streamed tiles fit shared memory; prefer blocks no larger than the bucketed length.
@@ -444,11 +433,13 @@ def prune_by_budget(configs, *, resident: str, n_acc: int, n_score: int, block_d
     mask is drawn (Philox) before the kernel's ``n_score`` score-sized fp32 tiles (forward: P;
     backward: P and dP) are consumed, so those tiles and the draw are all live: ``n_score + 1``
     registers per element (ptxas, sm_80 and sm_90: a 1-register estimate keeps configs that spill
-    up to 424 B on sm_80)."""
+    up to 424 B on sm_80). A ``bias`` gathered per score (relative-position attention) holds one
+    more score-sized tile (its indices, then its values) live (ptxas: without it, (128, 128, 8)
+    forward and (64, 64, 4) dK/dV configs spill)."""
     def regs(c):
         r, bm, bn = c.kwargs[resident], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         row_warps = max(1, min(c.num_warps, r // MMA_ROWS))
-        score = bm * bn / (32 * row_warps) * (n_score + 1 if dropout else 1)
+        score = bm * bn / (32 * row_warps) * ((n_score + 1 if dropout else 1) + bias)
         return n_acc * r * block_d / (32 * c.num_warps) + score
 
     def smem(c):
@@ -461,16 +452,20 @@ def prune_by_budget(configs, *, resident: str, n_acc: int, n_score: int, block_d
     return short or fits or [min(configs, key=regs)]
 
 
-def _bwd_prune(resident: str, n_acc: int):
-    """Autotune pruner of a backward kernel (see ``prune_by_budget``): P and dP are live together."""
+def budget_pruner(resident: str, n_acc: int, n_score: int, bias: bool = False):
+    """Autotune pruner (see ``prune_by_budget``) of a kernel with ``n_acc`` accumulators and
+    ``n_score`` score-sized tiles (forward: P; backward: P and dP, live together)."""
     def prune(configs, named_args, **kwargs):
         q = named_args["q_ptr"]
-        return prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=2, block_d=kwargs["BLOCK_D"],
+        return prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score, block_d=kwargs["BLOCK_D"],
                                elem_size=q.element_size(), s_bucket=named_args["S_BUCKET"],
-                               max_smem=shared_memory_per_block(q.device.index), dropout=kwargs["HAS_DROPOUT"])
+                               max_smem=shared_memory_per_block(q.device.index), dropout=kwargs["HAS_DROPOUT"],
+                               bias=bias)
     return prune
 
 
 _KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]
-_dkdv_tuned = autotuned("attention_bwd_dkdv", BWD_DKDV_CONFIGS, _KEY, _bwd_prune("BLOCK_N", 2))(_attn_bwd_dkdv_kernel)
-_dq_tuned = autotuned("attention_bwd_dq", BWD_DQ_CONFIGS, _KEY, _bwd_prune("BLOCK_M", 1))(_attn_bwd_dq_kernel)
+_fwd_tuned = autotuned("attention_fwd", FWD_CONFIGS, _KEY, budget_pruner("BLOCK_M", 1, 1))(_attn_fwd_kernel)
+_dkdv_tuned = autotuned("attention_bwd_dkdv", BWD_DKDV_CONFIGS, _KEY,
+                        budget_pruner("BLOCK_N", 2, 2))(_attn_bwd_dkdv_kernel)
+_dq_tuned = autotuned("attention_bwd_dq", BWD_DQ_CONFIGS, _KEY, budget_pruner("BLOCK_M", 1, 2))(_attn_bwd_dq_kernel)

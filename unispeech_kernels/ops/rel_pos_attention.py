@@ -27,7 +27,7 @@ backward only, no [B, H, S, S]. Opt-in (``auto=False``) until a GPU run shows it
 torch backend. Padded query rows are zeros, dropout as attention's (same Philox stream).
 
 File order: torch reference -> contract (inputs, checks) -> launchers -> torch.library ops + autograd
--> backends -> functional entry point.
+-> backends -> functional entry point -> ``aot_specs``.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ from .._runtime import dot_flags, interpret_mode
 from ..dispatch import Op
 from ..padding import prefix_lengths
 from ._common import cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
-from .attention import (TRITON_CAPABILITIES, AttentionCall, _block_d, check_attention_inputs, draw_dropout_seed,
-                        kv_end_from_mask, strides)
+from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, check_attention_inputs,
+                        draw_dropout_seed, kv_end_from_mask, strides)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -389,3 +389,40 @@ def _example(device, dtype):
     rel_pos = RelativePositionBias(torch.empty(320, 12, device=device), 320, 800,
                                    torch.empty(2, 499, 12, device=device))
     return RelPosAttentionInputs(q, k, v, rel_pos, mask)
+
+
+# ---------------------------------------------------------------------------------------- aot specs
+
+_FP32_POINTERS = ("table_ptr", "gate_ptr", "dgate_ptr", "ddiag_ptr", "scratch_ptr")
+
+
+def aot_specs():
+    """The kernels at WavLM's shapes (head_dim 64, bf16, a padded batch with a mask and gates), with
+    and without dropout: forward and dK/dV in every config an sm_90 device keeps after pruning at
+    the bucketed length, dQ in its fixed tiles; for ahead-of-time compile checks."""
+    from .._runtime import SM90_SHARED_MEMORY
+    from .attention_kernels import prune_by_budget
+
+    kern = _kernels()
+    d, elem = 64, "bf16"
+    specs = []
+    tuned = (("fwd", kern._rel_pos_fwd_kernel, kern.FWD_REL_POS_CONFIGS, "BLOCK_M", 1, 1),
+             ("bwd_dkdv", kern._rel_pos_bwd_dkdv_kernel, kern.BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2))
+    for dropout in (False, True):
+        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_GATE=True, HAS_MASK=True, HAS_DROPOUT=dropout, UPCAST=False,
+                     DOT_PREC="tf32")
+        for kname, fn, configs, resident, n_acc, n_score in tuned:
+            for c in prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score, block_d=_block_d(d),
+                                     elem_size=2, s_bucket=_AOT_SEQ, max_smem=SM90_SHARED_MEMORY, dropout=dropout,
+                                     bias=True):
+                tag = f"rel_pos_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
+                      f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout
+                specs.append(_aot_spec(tag, fn, elem, {**flags, **c.kwargs}, c.num_warps, c.num_stages, True,
+                                       _FP32_POINTERS, ("L",)))
+        t = kern.DQ_TILES
+        tiles = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
+                     BLOCK_T=next_power_of_2(t["BLOCK_M"] + t["BLOCK_N"] - 1))
+        specs.append(_aot_spec(f"rel_pos_bwd_dq_{elem}_d{d}_m{t['BLOCK_M']}_n{t['BLOCK_N']}" + "_dropout" * dropout,
+                               kern._rel_pos_bwd_dq_kernel, elem, {**flags, **tiles}, t["num_warps"], t["num_stages"],
+                               True, _FP32_POINTERS, ("L",)))
+    return specs
