@@ -8,7 +8,8 @@ conv and rel_pos_attention's torch backend on a CPU, the dispatcher's choice els
 carries its logits' difference vs hf_eager over real frames). Peak memory is the harness's: the
 RSS high-water mark over one call on a CPU, max_memory_allocated on a GPU. ``bias_mb`` counts the
 bias tensors of one layer analytically: hf_eager's position_bias and its gated copy, [B*H, T, T]
-fp32 each; ours the [H, n, n] gated bias of the longest sequence (plus its int64 [n, n] index).
+fp32 each; ours one piece, the [H, 256, n] gated bias of the longest sequence's first 256 queries
+(and its int64 [256, n] index), or on a GPU none.
 
 rel_pos_attention_fwd / _fwd_bwd: the op on q, k, v [B, S, H, D] with the model's table [320, H]
 and gates [B, S, H] (fwd_bwd: forward and every gradient, q, k, v, table, gate). Impls: triton /
@@ -67,10 +68,12 @@ def inference_models(model, dtype, device):
 
 def bias_mb(impl, frames, heads) -> float:
     """One layer's bias tensors (see the module docstring), in MB."""
-    B, T, n = len(frames), max(frames), max(frames)
+    from unispeech_kernels.ops.rel_pos_attention import QUERY_ROWS
+    B, T = len(frames), max(frames)
     if impl == "hf_eager":
         return 2 * B * heads * T * T * 4 / 2**20
-    return (heads * n * n * 4 + n * n * 8) / 2**20
+    rows = min(T, QUERY_ROWS)
+    return (heads * rows * T * 4 + rows * T * 8) / 2**20
 
 
 def compare(fn, reference, audio, mask, frames, dtype) -> dict:

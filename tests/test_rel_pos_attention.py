@@ -9,8 +9,9 @@ from tests.tolerances import assert_close, assert_error_within
 from unispeech_kernels import RelativePositionBias, rel_pos_attention
 from unispeech_kernels.dispatch import OPT_IN
 from unispeech_kernels.ops._common import forced_tiles
+from unispeech_kernels.ops import rel_pos_attention as rel_pos_attention_module
 from unispeech_kernels.ops.attention import draw_dropout_seed, dropout_keep_mask
-from unispeech_kernels.ops.rel_pos_attention import (_sequence_bias, bias_reference, distance_table,
+from unispeech_kernels.ops.rel_pos_attention import (_rows_bias, bias_reference, distance_table,
                                                      rel_pos_attention_bwd_op, rel_pos_attention_fwd_op,
                                                      rel_pos_attention_op, rel_pos_attention_reference,
                                                      relative_position_bucket)
@@ -98,7 +99,8 @@ def test_distance_table_gives_the_bias(seq):
     by_distance = distance_table(table, NB, MD, seq)
     assert by_distance.shape == (3, 2, min(seq, MD + 1))
     want = bias_reference(table, seq, NB, MD) * gate.t()[:, :, None]
-    assert torch.equal(_sequence_bias(by_distance, gate, seq, torch.float64), want)
+    assert torch.equal(_rows_bias(by_distance, gate, 0, seq, seq, torch.float64), want)
+    assert torch.equal(_rows_bias(by_distance, gate[3:7], 3, 4, seq, torch.float64), want[:, 3:7])
 
 
 # --------------------------------------------------------------------------------- Triton kernels
@@ -142,9 +144,9 @@ def test_triton_dropout_matches_reference_with_the_kernels_mask():
                                       dict(BLOCK_M=64, BLOCK_N=16)])
 def test_triton_gpu_tiles(dq_tiles):
     """The dQ kernel's diagonal sums with the GPU's tiles (and non-square ones), several blocks."""
-    from unispeech_kernels.ops import rel_pos_attention_kernels as kern
-    with forced_tiles(kern._rel_pos_bwd_dq_kernel, dq_tiles), forced_tiles(kern._fwd_tuned, dict(BLOCK_M=64,
-                                                                                                   BLOCK_N=32)):
+    from unispeech_kernels.ops import attention_kernels as kern
+    with forced_tiles(kern._attn_bwd_dq_kernel, dq_tiles), forced_tiles(kern._fwd_bias_tuned,
+                                                                         dict(BLOCK_M=64, BLOCK_N=32)):
         check_against_reference(*_inputs(2, 70, 1, 16, torch.float32), _prefix_mask([70, 45], 70))
 
 
@@ -162,7 +164,9 @@ def test_triton_table_gradient_is_deterministic():
 # ------------------------------------------------------------------------------------- torch backend
 
 @pytest.mark.parametrize("mask_kind", ["prefix", "holes", "none"])
-def test_torch_backend_matches_reference(mask_kind):
+def test_torch_backend_matches_reference(mask_kind, monkeypatch):
+    """Queries in pieces of 16 (the backend's QUERY_ROWS, made small): several pieces, a short last one."""
+    monkeypatch.setattr(rel_pos_attention_module, "QUERY_ROWS", 16)
     q, k, v, table, gate = _inputs(3, 37, 2, 16, torch.float32)
     mask = {"prefix": _prefix_mask([37, 20, 5], 37), "holes": torch.rand(3, 37, device=DEVICE) < 0.7,
             "none": None}[mask_kind]

@@ -8,7 +8,7 @@ with bucket() WavLM's (T5-style, bidirectional): half of the buckets per directi
 num_buckets // 4, logarithmic up to max_distance, the last bucket beyond. Rows whose sequence has
 no real frame return zeros; padded query rows return any finite value (the torch backend: zeros).
 
-The bias never exists as [B, H, S, S] outside the torch backend's per-sequence SDPA call. The
+The bias never exists as [B, H, S, S] (the torch backend makes [H, 256, n] pieces of it). The
 buckets are computed once per call with torch's own fp32 arithmetic (``relative_position_bucket``,
 the formula transformers uses) and folded into a per-head table over distances
 (``distance_table``, [H, 2, L]: bias of key-before-or-at / key-after distance d < L, L =
@@ -17,10 +17,11 @@ gather per score from a few KB per head, and its buckets are bit for bit transfo
 in-kernel fp32 log would not give: at the default 320 buckets / 800 distance, distance 713 lies
 2.4 ulps below a bucket boundary.
 
-Backends: "torch", the bias of one sequence at a time (a float mask) into SDPA, on its real frames
-(audio's prefix masks) or with the key-padding mask folded in; autograd gives every gradient.
-"triton" (kernels: ``rel_pos_attention_kernels.py``): attention's flash-style forward and
-deterministic backward with the bias gathered per score; the backward gives dq, dk, dv, d(gate) (a
+Backends: "torch", the bias of one sequence and 256 queries at a time (a float mask) into SDPA, on
+the real frames (audio's prefix masks) or with the key-padding mask folded in; autograd gives every
+gradient.
+"triton": attention's own flash-style forward and deterministic backward kernels with their
+HAS_BIAS path (``attention_kernels.py``), the bias gathered per score; the backward gives dq, dk, dv, d(gate) (a
 row sum in the dQ kernel) and d(table) (per-program diagonal sums of dS * gate, summed per bucket
 on the host: no atomics); extra memory O(B * H * S * (BLOCK_N + 2 S / BLOCK_M)) fp32 in the
 backward only, no [B, H, S, S]. Opt-in (``auto=False``) until a GPU run shows it faster than the
@@ -38,12 +39,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._runtime import dot_flags, interpret_mode
 from ..dispatch import Op
 from ..padding import prefix_lengths
-from ._common import cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
-from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, check_attention_inputs,
-                        draw_dropout_seed, kv_end_from_mask, strides)
+from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, attn_bwd, attn_fwd,
+                        check_attention_inputs, draw_dropout_seed, kv_end_from_mask)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -169,78 +168,18 @@ FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
 
 # ----------------------------------------------------------------------------------------- launchers
 
-def _kernels():
-    from . import rel_pos_attention_kernels
-
-    return rel_pos_attention_kernels
-
-
-def _bias_args(table, gate, num_buckets, max_distance, seq):
-    """The kernels' fp32 [H, 2, L] table by distance and contiguous fp32 [B, S, H] gate (or None)."""
+def _bias_args(table, gate, num_buckets, max_distance, batch, seq):
+    """The kernels' bias: contiguous fp32 table by distance [H, 2, L] and gate [B, S, H] (ones without one)."""
     by_distance = distance_table(table.detach().float(), num_buckets, max_distance, seq).contiguous()
-    return by_distance, (gate.detach().float().contiguous() if gate is not None else None)
+    if gate is None:
+        return by_distance, torch.ones((batch, seq, table.shape[1]), dtype=torch.float32, device=table.device)
+    return by_distance, gate.detach().float().contiguous()
 
 
 def _mask_args(key_padding_mask):
     if key_padding_mask is None:
         return None, None
     return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
-
-
-def rel_pos_fwd(q, k, v, by_distance, gate, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float):
-    """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain)."""
-    from .attention_kernels import INTERPRET_TILES
-
-    B, S, H, D = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    args = (q, k, v, out, lse, by_distance, gate if gate is not None else lse, lse if mask_u8 is None else mask_u8,
-            lse if kv_end is None else kv_end, seed, *strides(q), *strides(k), *strides(v), *strides(out),
-            *(strides(mask_u8) if mask_u8 is not None else (0, 0)), H, S, by_distance.shape[2],
-            softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
-    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_GATE=gate is not None, HAS_MASK=mask_u8 is not None,
-                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
-    launch_tuned(_kernels()._fwd_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
-                 interpret=INTERPRET_TILES)
-    return out, lse
-
-
-def rel_pos_bwd(dout, q, k, v, out, lse, seed, by_distance, gate, mask_u8, kv_end, dropout_p: float,
-                softmax_scale: float):
-    """Launch preprocess, dK/dV and dQ: (dq, dk, dv, ddiag [B*H, m blocks, 2S], dgate [B, S, H] or None)."""
-    from . import attention_kernels
-
-    kern = _kernels()
-    B, H, S = lse.shape
-    D = q.shape[-1]
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    attention_kernels._attn_bwd_preprocess_kernel[(cdiv(S, attention_kernels.PREPROCESS_BLOCK_M), B * H)](
-        out, dout, delta, delta, delta, *strides(out), *strides(dout), H, S, HEAD_DIM=D,
-        BLOCK_M=attention_kernels.PREPROCESS_BLOCK_M, BLOCK_D=_block_d(D), PACKED=False)
-    has_mask = mask_u8 is not None
-    tables = (by_distance, gate if gate is not None else delta, mask_u8 if has_mask else delta,
-              kv_end if has_mask else delta, seed)
-    common = (*strides(q), *strides(k), *strides(v), *strides(dout))
-    scalars = (H, S, by_distance.shape[2], softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p))
-    mask_strides = strides(mask_u8) if has_mask else (0, 0)
-    flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_GATE=gate is not None, HAS_MASK=has_mask,
-                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
-    launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), q, k, v, dout, dk, dv, lse, delta,
-                 *tables, *common, *strides(dk), *mask_strides, *scalars, length_bucket(S), **flags,
-                 interpret=attention_kernels.INTERPRET_TILES)
-    dq_kernel = kern._rel_pos_bwd_dq_kernel
-    tiles = tile_config(dq_kernel, gpu=kern.DQ_TILES, interpret=attention_kernels.INTERPRET_TILES)
-    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
-    grid = (cdiv(S, block_m), B * H)
-    ddiag = torch.zeros((B * H, grid[0], 2 * S), dtype=torch.float32, device=q.device)
-    scratch = torch.empty((B * H * grid[0], block_m * block_n), dtype=torch.float32, device=q.device)
-    dgate = torch.empty((B, S, H), dtype=torch.float32, device=q.device) if gate is not None else None
-    launch = {} if interpret_mode() else dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
-    dq_kernel[grid](q, k, v, dout, dq, dgate if gate is not None else delta, ddiag, scratch, lse, delta, *tables,
-                    *common, *strides(dq), *mask_strides, *scalars, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_T=next_power_of_2(block_m + block_n - 1), **launch)
-    return dq, dk, dv, ddiag, dgate
 
 
 def table_grad(ddiag, heads: int, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -263,9 +202,8 @@ def rel_pos_attention_fwd_op(q, k, v, table, gate, key_padding_mask, num_buckets
     """Triton forward as a torch.library op: (out, lse, seed)."""
     seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
             else torch.zeros(1, dtype=torch.int64, device=q.device))
-    by_distance, gate32 = _bias_args(table, gate, num_buckets, max_distance, q.shape[1])
-    out, lse = rel_pos_fwd(q, k, v, by_distance, gate32, *_mask_args(key_padding_mask), seed, dropout_p,
-                           softmax_scale)
+    bias = _bias_args(table, gate, num_buckets, max_distance, *q.shape[:2])
+    out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale, bias=bias)
     return out, lse, seed
 
 
@@ -284,9 +222,9 @@ def _(q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout
 def rel_pos_attention_bwd_op(dout, q, k, v, out, lse, seed, table, gate, key_padding_mask, num_buckets,
                              max_distance, dropout_p, softmax_scale):
     """Triton backward as a torch.library op: (dq, dk, dv, d table, d gate (empty without a gate))."""
-    by_distance, gate32 = _bias_args(table, gate, num_buckets, max_distance, q.shape[1])
-    dq, dk, dv, ddiag, dgate = rel_pos_bwd(dout, q, k, v, out, lse, seed, by_distance, gate32,
-                                           *_mask_args(key_padding_mask), dropout_p, softmax_scale)
+    bias = _bias_args(table, gate, num_buckets, max_distance, *q.shape[:2])
+    dq, dk, dv, ddiag, dgate = attn_bwd(dout, q, k, v, out, lse, seed, *_mask_args(key_padding_mask), dropout_p,
+                                        softmax_scale, bias=bias)
     dtable = table_grad(ddiag, q.shape[2], num_buckets, max_distance).to(table.dtype)
     return dq, dk, dv, dtable, (dgate.to(gate.dtype) if gate is not None else table.new_empty(0))
 
@@ -321,10 +259,13 @@ rel_pos_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 rel_pos_attention_op = Op("rel_pos_attention", features=FEATURES)
 
 
-def _sequence_bias(by_distance, gate, n: int, dtype) -> torch.Tensor:
-    """[H, n, n] gated bias of one sequence's first n frames; ``gate`` [n, H] or None."""
-    pos = torch.arange(n, device=by_distance.device)
-    rel = pos[None, :] - pos[:, None]  # key - query
+QUERY_ROWS = 256  # queries per SDPA call of the torch backend: its bias is [H, 256, n], not [H, n, n]
+
+
+def _rows_bias(by_distance, gate, first: int, rows: int, keys: int, dtype) -> torch.Tensor:
+    """[H, rows, keys] gated bias of queries first.. of one sequence; ``gate`` [rows, H] or None."""
+    rel = torch.arange(keys, device=by_distance.device)[None, :] - torch.arange(
+        first, first + rows, device=by_distance.device)[:, None]  # key - query
     index = (rel > 0).long() * by_distance.shape[2] + rel.abs().clamp(max=by_distance.shape[2] - 1)
     bias = by_distance.flatten(1)[:, index].to(dtype)
     return bias if gate is None else bias * gate.t().to(dtype)[:, :, None]
@@ -332,9 +273,10 @@ def _sequence_bias(by_distance, gate, n: int, dtype) -> torch.Tensor:
 
 @rel_pos_attention_op.backend("torch", features=tuple(FEATURES))
 def rel_pos_attention_torch(inputs: RelPosAttentionInputs):
-    """SDPA with the gated bias as a float mask, one sequence at a time ([H, n, n], never [B, H, S, S]);
-    a prefix mask (audio padding) runs each sequence on its real frames (padded query rows are zero),
-    any other mask is folded into the bias as -inf on padded keys. Fully padded sequences give zeros."""
+    """SDPA with the gated bias as a float mask, one sequence and ``QUERY_ROWS`` queries at a time
+    (softmax rows are independent: the bias is never [H, n, n], let alone [B, H, S, S]); a prefix mask
+    (audio padding) runs each sequence on its real frames (padded query rows are zero), any other
+    mask is folded into the bias as -inf on padded keys. Fully padded sequences give zeros."""
     q, k, v, table, gate, key_padding_mask = inputs.tensors
     B, S = q.shape[:2]
     rel_pos, dropout_p, scale = inputs.rel_pos, inputs.dropout_p, inputs.softmax_scale
@@ -348,13 +290,20 @@ def rel_pos_attention_torch(inputs: RelPosAttentionInputs):
         if n == 0:
             outs.append(torch.zeros_like(q[b]))
             continue
-        bias = _sequence_bias(by_distance, gate[b, :n] if gate is not None else None, n, q.dtype)
+        kb, vb = (t[b, :n].transpose(0, 1)[None] for t in (k, v))  # [1, H, n, D]
         if lengths is None:  # any mask: padded keys to -inf, except in a sequence with no real key (zeroed below)
-            keys = key_padding_mask[b] | ~key_padding_mask[b].any()
-            bias = bias.masked_fill(~keys[None, None, :], float("-inf"))
-        qb, kb, vb = (t[b, :n].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[None], dropout_p=dropout_p,
-                                             scale=scale)[0].transpose(0, 1)  # [n, H, D]
+            padded_keys = ~(key_padding_mask[b] | ~key_padding_mask[b].any())
+        chunks = []
+        for first in range(0, n, QUERY_ROWS):
+            rows = min(QUERY_ROWS, n - first)
+            bias = _rows_bias(by_distance, gate[b, first:first + rows] if gate is not None else None, first, rows, n,
+                              q.dtype)
+            if lengths is None:
+                bias = bias.masked_fill(padded_keys[None, None, :], float("-inf"))
+            qb = q[b, first:first + rows].transpose(0, 1)[None]  # [1, H, rows, D]
+            chunks.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[None], dropout_p=dropout_p,
+                                                         scale=scale)[0].transpose(0, 1))  # [rows, H, D]
+        out = torch.cat(chunks)
         if lengths is None:
             out = out * key_padding_mask[b].any().to(out.dtype)
         outs.append(F.pad(out, (0, 0, 0, 0, 0, S - n)))
@@ -393,36 +342,30 @@ def _example(device, dtype):
 
 # ---------------------------------------------------------------------------------------- aot specs
 
-_FP32_POINTERS = ("table_ptr", "gate_ptr", "dgate_ptr", "ddiag_ptr", "scratch_ptr")
-
-
 def aot_specs():
-    """The kernels at WavLM's shapes (head_dim 64, bf16, a padded batch with a mask and gates), with
+    """The HAS_BIAS kernels at WavLM's shapes (head_dim 64, bf16, a padded batch with a mask), with
     and without dropout: forward and dK/dV in every config an sm_90 device keeps after pruning at
     the bucketed length, dQ in its fixed tiles; for ahead-of-time compile checks."""
     from .._runtime import SM90_SHARED_MEMORY
-    from .attention_kernels import prune_by_budget
+    from . import attention_kernels as kern
 
-    kern = _kernels()
     d, elem = 64, "bf16"
     specs = []
-    tuned = (("fwd", kern._rel_pos_fwd_kernel, kern.FWD_REL_POS_CONFIGS, "BLOCK_M", 1, 1),
-             ("bwd_dkdv", kern._rel_pos_bwd_dkdv_kernel, kern.BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2))
+    tuned = (("fwd", kern._attn_fwd_kernel, kern.FWD_BIAS_CONFIGS, "BLOCK_M", 1, 1),
+             ("bwd_dkdv", kern._attn_bwd_dkdv_kernel, kern.BWD_DKDV_CONFIGS, "BLOCK_N", 2, 2))
+    t = kern.DQ_BIAS_TILES
     for dropout in (False, True):
-        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_GATE=True, HAS_MASK=True, HAS_DROPOUT=dropout, UPCAST=False,
-                     DOT_PREC="tf32")
+        flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_MASK=True, PACKED=False, HAS_DROPOUT=dropout, HAS_BIAS=True,
+                     UPCAST=False, DOT_PREC="tf32")
         for kname, fn, configs, resident, n_acc, n_score in tuned:
-            for c in prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score, block_d=_block_d(d),
-                                     elem_size=2, s_bucket=_AOT_SEQ, max_smem=SM90_SHARED_MEMORY, dropout=dropout,
-                                     bias=True):
+            for c in kern.prune_by_budget(configs, resident=resident, n_acc=n_acc, n_score=n_score,
+                                          block_d=_block_d(d), elem_size=2, s_bucket=_AOT_SEQ,
+                                          max_smem=SM90_SHARED_MEMORY, dropout=dropout, bias=True):
                 tag = f"rel_pos_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
                       f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout
-                specs.append(_aot_spec(tag, fn, elem, {**flags, **c.kwargs}, c.num_warps, c.num_stages, True,
-                                       _FP32_POINTERS, ("L",)))
-        t = kern.DQ_TILES
-        tiles = dict(BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
-                     BLOCK_T=next_power_of_2(t["BLOCK_M"] + t["BLOCK_N"] - 1))
+                specs.append(_aot_spec(tag, fn, elem, {**flags, **c.kwargs}, c.num_warps, c.num_stages, True))
         specs.append(_aot_spec(f"rel_pos_bwd_dq_{elem}_d{d}_m{t['BLOCK_M']}_n{t['BLOCK_N']}" + "_dropout" * dropout,
-                               kern._rel_pos_bwd_dq_kernel, elem, {**flags, **tiles}, t["num_warps"], t["num_stages"],
-                               True, _FP32_POINTERS, ("L",)))
+                               kern._attn_bwd_dq_kernel, elem,
+                               {**flags, "BLOCK_M": t["BLOCK_M"], "BLOCK_N": t["BLOCK_N"]}, t["num_warps"],
+                               t["num_stages"], True))
     return specs
