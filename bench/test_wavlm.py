@@ -9,7 +9,7 @@ carries its logits' difference vs hf_eager over real frames). Peak memory is the
 RSS high-water mark over one call on a CPU, max_memory_allocated on a GPU. ``bias_mb`` counts the
 bias tensors of one layer analytically: hf_eager's position_bias and its gated copy, [B*H, T, T]
 fp32 each; ours one piece, the [H, 256, n] gated bias of the longest sequence's first 256 queries
-(and its int64 [256, n] index), or on a GPU none.
+(and its int64 [256, n] index).
 
 rel_pos_attention_fwd / _fwd_bwd: the op on q, k, v [B, S, H, D] with the model's table [320, H]
 and gates [B, S, H] (fwd_bwd: forward and every gradient, q, k, v, table, gate). Impls: triton /
