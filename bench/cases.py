@@ -167,6 +167,8 @@ PROFILES = {
              lengths=[160000, 112000]),  # exactly 10 s and 7 s
         dict(op="wavlm_inference", models=["wavlm-base"], seconds=[30], batch=1, impls=["hf_patched", "hf_eager"],
              lengths=[480000]),
+        *(dict(op="wavlm_attention_layer", models=["wavlm-base"], seconds=[s], batch=len(n),
+               impls=["hf_patched", "hf_eager"], lengths=n) for s, n in ((10, [160000, 112000]), (30, [480000]))),
     ]},
 }
 

@@ -11,6 +11,11 @@ bias tensors of one layer analytically: hf_eager's position_bias and its gated c
 fp32 each; ours one piece, the [H, 256, n] gated bias of the longest sequence's first 256 queries
 (and its int64 [256, n] index).
 
+wavlm_attention_layer: one WavLMAttention, the first layer's (it builds the shared bias), on hidden
+states [B, T, C] of the case's real lengths with their mask: transformers' forward (hf_eager) vs
+the patched module (hf_patched): the attention alone, where the bias's memory is the peak (in the
+whole model on a CPU, the feature encoder's first conv output is).
+
 rel_pos_attention_fwd / _fwd_bwd: the op on q, k, v [B, S, H, D] with the model's table [320, H]
 and gates [B, S, H] (fwd_bwd: forward and every gradient, q, k, v, table, gate). Impls: triton /
 torch = unispeech_kernels.rel_pos_attention(backend=...); sdpa_bias = SDPA with the gated bias
@@ -31,6 +36,7 @@ from bench import cases, physics
 from bench.harness import Case, rel_diff
 
 INFER = cases.expand("wavlm_inference")
+LAYER = cases.expand("wavlm_attention_layer")
 FWD = cases.expand("rel_pos_attention_fwd")
 FWD_BWD = cases.expand("rel_pos_attention_fwd_bwd")
 FP32_REL_TOL = 1e-5
@@ -106,6 +112,49 @@ def test_wavlm_inference(benchmark, recorder, device, case, dtype):
         fn = functools.partial(_raise, e)
     with torch.no_grad():
         recorder.run(benchmark, c, fn, sets, device, verify=verify)
+
+
+@functools.lru_cache(None)
+def attention_layers(model, dtype, device):
+    """{impl: WavLMAttention}: transformers' first-layer attention and a patched copy of it."""
+    import copy
+
+    import transformers
+    from unispeech_kernels.integrations.patching import _SETTINGS, KernelSettings, _patched_class
+    cfg = cases.MODELS[model]
+    with torch.device(device):
+        hf = transformers.models.wavlm.modeling_wavlm.WavLMAttention(
+            cfg["hidden_size"], cfg["num_attention_heads"], num_buckets=cfg["num_buckets"],
+            max_distance=cfg["max_bucket_distance"]).to(dtype).eval()
+    patched = copy.deepcopy(hf)
+    setattr(patched, _SETTINGS, KernelSettings(None, cfg.get("feat_extract_activation", "gelu")))
+    patched.__class__ = _patched_class(type(hf))
+    return {"hf_eager": hf, "hf_patched": patched}
+
+
+@pytest.mark.parametrize("dtype", cases.dtypes(), ids=str)
+@pytest.mark.parametrize("case", LAYER, ids=_id)
+def test_wavlm_attention_layer(benchmark, recorder, device, case, dtype):
+    model, seconds, batch, impl, lengths = case
+    cfg = cases.MODELS[model]
+    frames = cases.frame_lengths(lengths, cfg)
+    mask = torch.arange(max(frames), device=device)[None, :] < torch.tensor(frames, device=device)[:, None]
+    hidden = torch.randn(len(frames), max(frames), cfg["hidden_size"], device=device, dtype=dtype)
+    heads = cfg["num_attention_heads"]
+    c = Case("wavlm_attention_layer", impl, dtype, f"{model} B{batch} {seconds}s",
+             dict(model=model, seconds=seconds, batch=batch, frames=frames, bias_mb=bias_mb(impl, frames, heads)),
+             flops=physics.attention_flops(frames, heads, cfg["hidden_size"] // heads, False))
+    layers = attention_layers(model, dtype, device)
+
+    def run(layer):
+        return lambda h, m: layer(h, attention_mask=m)[0]
+
+    def verify():
+        with torch.no_grad():
+            a, b = run(layers[impl])(hidden, mask)[mask], run(layers["hf_eager"])(hidden, mask)[mask]
+        return {"rel_diff": rel_diff(a, b), "vs": "hf_eager", "tol": FP32_REL_TOL if dtype == torch.float32 else 2e-2}
+    with torch.no_grad():
+        recorder.run(benchmark, c, run(layers[impl]), [(hidden, mask)], device, verify=verify)
 
 
 # ---------------------------------------------------------------------------------------------- op
