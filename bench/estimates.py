@@ -152,7 +152,8 @@ class Estimates:
                 return compiles * COMPILE_S + timings * TUNE_S
             return compiles * (COMPILE_S / 2 + TUNE_S)  # a new length: new keys, some new specialisations
         if impl in ("flex", "flex_keys", "compile", "hf_compile"):
-            compile_s = {"compile": FE_COMPILE_S, "hf_compile": HF_COMPILE_S[model]}.get(impl, FLEX_FWD_S)
+            compile_s = FE_COMPILE_S if impl == "compile" else HF_COMPILE_S[model] if impl == "hf_compile" \
+                else FLEX_FWD_S  # flex: WavLM's shapes have no transformers compile time of their own
             if impl.startswith("flex") and op.endswith("bwd"):
                 compile_s *= FLEX_BWD_FACTOR
             return compile_s + (INDUCTOR_IMPORT_S if self._first("inductor") else 0.0)

@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 from unispeech_kernels import patch_model, unpatch_model  # noqa: E402
 from unispeech_kernels.integrations.patching import PatchedRelPosAttention  # noqa: E402
 from unispeech_kernels.ops.rel_pos_attention import rel_pos_attention_op  # noqa: E402
+from tests.test_patching import _batch  # noqa: E402  (2 x 1200 samples, the second padded after 800)
 from tests.tolerances import assert_close, assert_error_within, key_bias_terms  # noqa: E402
 
 # 16 buckets up to distance 20: ~59 frames of 1200 samples reach past max_distance
@@ -33,14 +34,6 @@ def _model(head="WavLMModel", norm="group", stable=False):
                 if hasattr(module, "rel_attn_embed"):
                     module.rel_attn_embed.weight.normal_()
     return model
-
-
-def _batch():
-    audio = torch.randn(2, 1200)
-    mask = torch.ones(2, 1200, dtype=torch.long)
-    mask[1, 800:] = 0
-    audio[1, 800:] = 0.0
-    return audio, mask
 
 
 def _outputs(out):

@@ -83,7 +83,9 @@ def _attention(spec: dict) -> list:
     d, packed, dropout = c["HEAD_DIM"], c["PACKED"], c.get("HAS_DROPOUT", False)  # preprocess: no flag
     kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "bwd",
             "_attn_bwd_dkdv_kernel": "bwd", "_attn_bwd_dq_kernel": "bwd"}[name]
-    op = f"attention{'_packed' if packed else ''}_{kind}" + ("+dropout" if dropout else "")
+    # HAS_BIAS (rel_pos_attention): the same geometry; its gathers, d(gate) and d(table) traffic not counted
+    op = f"{'rel_pos_' if c.get('HAS_BIAS') else ''}attention{'_packed' if packed else ''}_{kind}" \
+        + ("+dropout" if dropout else "")
     out = []
     for model in ("base", "large"):
         heads = cases.MODELS[model]["num_attention_heads"]

@@ -273,17 +273,26 @@ def _mask_args(key_padding_mask):
                                 "float softmax_scale) -> (Tensor, Tensor, Tensor)")
 def attention_fwd_op(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     """Triton forward as a torch.library op: (out, lse, seed)."""
-    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
-            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    seed = forward_seed(dropout_p, q.device)
     out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale)
     return out, lse, seed
 
 
-@attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+def forward_seed(dropout_p: float, device) -> torch.Tensor:
+    """A forward op's [1] int64 dropout seed: drawn with dropout, 0 without."""
+    return draw_dropout_seed(device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def fake_forward(q):
+    """(out, lse, seed) of a forward op on padded [B, S, H, D] q, as meta tensors (its fake impl)."""
     B, S, H, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    return fake_forward(q)
 
 
 @torch.library.custom_op("unispeech_kernels::attention_bwd", mutates_args=(),

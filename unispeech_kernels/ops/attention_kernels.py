@@ -507,7 +507,7 @@ def budget_pruner(resident: str, n_acc: int, n_score: int, bias: bool = False):
     return prune
 
 
-_KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT", "HAS_BIAS"]
+_KEY = ["S_BUCKET", "HEAD_DIM", "HAS_MASK", "PACKED", "HAS_DROPOUT"]  # HAS_BIAS has tuners of its own
 _fwd_tuned = autotuned("attention_fwd", FWD_CONFIGS, _KEY, budget_pruner("BLOCK_M", 1, 1))(_attn_fwd_kernel)
 _dkdv_tuned = autotuned("attention_bwd_dkdv", BWD_DKDV_CONFIGS, _KEY,
                         budget_pruner("BLOCK_N", 2, 2))(_attn_bwd_dkdv_kernel)

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from ..dispatch import Op
 from ..padding import prefix_lengths
-from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, attn_bwd, attn_fwd,
-                        check_attention_inputs, draw_dropout_seed, kv_end_from_mask)
+from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, _mask_args, attn_bwd,
+                        attn_fwd, check_attention_inputs, fake_forward, forward_seed)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -178,12 +178,6 @@ def _bias_args(table, gate, num_buckets, max_distance, batch, seq):
     return by_distance, gate.detach().float().contiguous()
 
 
-def _mask_args(key_padding_mask):
-    if key_padding_mask is None:
-        return None, None
-    return key_padding_mask.view(torch.uint8), kv_end_from_mask(key_padding_mask)
-
-
 def table_grad(ddiag, heads: int, num_buckets: int, max_distance: int) -> torch.Tensor:
     """[num_buckets, H] d(table) from the dQ kernel's diagonal sums: rows summed, then each
     relative position's sum added to its bucket (a one-hot product: deterministic)."""
@@ -202,8 +196,7 @@ _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor table, Tensor? gate, Tenso
 def rel_pos_attention_fwd_op(q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p,
                              softmax_scale):
     """Triton forward as a torch.library op: (out, lse, seed)."""
-    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
-            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    seed = forward_seed(dropout_p, q.device)
     bias = _bias_args(table, gate, num_buckets, max_distance, *q.shape[:2])
     out, lse = attn_fwd(q, k, v, *_mask_args(key_padding_mask), seed, dropout_p, softmax_scale, bias=bias)
     return out, lse, seed
@@ -211,9 +204,7 @@ def rel_pos_attention_fwd_op(q, k, v, table, gate, key_padding_mask, num_buckets
 
 @rel_pos_attention_fwd_op.register_fake
 def _(q, k, v, table, gate, key_padding_mask, num_buckets, max_distance, dropout_p, softmax_scale):
-    B, S, H, _ = q.shape
-    return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
-            q.new_empty((1,), dtype=torch.int64))
+    return fake_forward(q)
 
 
 @torch.library.custom_op("unispeech_kernels::rel_pos_attention_bwd", mutates_args=(),
