@@ -72,7 +72,7 @@ bench:
 # the CPU comparisons: UniSpeech-base, 2 x 10 s (one row 7 s), fp32, ours vs transformers; forced
 # alignment of 64 utterances, batched vs a per-utterance numpy loop (and torchaudio)
 bench-cpu: $(STAMP)
-	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py bench/test_forced_align.py; s=$$?; \
+	BENCH_PROFILE=cpu $(PY) -m pytest $(BENCH_OPTS) bench/test_e2e.py bench/test_forced_align.py bench/test_wavlm.py; s=$$?; \
 	$(PY) -m bench.report --summary $(NEWEST); exit $$s
 
 # on a CUDA machine, no network: goal benchmarks, GPU tests, the other benchmarks, report (<= 9 min);

@@ -6,8 +6,9 @@ A profile is chosen with BENCH_PROFILE (default: "check" on a GPU, "cpu" without
            tests between the goal tier and the rest, and the time budget cuts from the end.
 - "full":  every op at every length, fp16 too, torch.compile of transformers everywhere (`make bench`).
 - "cpu":   the CPU comparison (UniSpeech-base, batch 2 x 10 s with one 7 s row, fp32, eval,
-           our model vs transformers) and the forced alignment of 64 utterances (`make bench-cpu`):
-           the other op files collect no case there.
+           our model vs transformers), the forced alignment of 64 utterances and WavLM-base
+           patched vs transformers' eager at 2 x (10 s, 7 s) and 1 x 30 s (`make bench-cpu`): the
+           other op files collect no case there.
 BENCH_TIERS (e.g. "goal" or "matrix,compile") keeps only those tiers (bench/conftest.py).
 
 Audio is 16 kHz. A batch of duration S seconds holds one utterance of exactly S s and the others
@@ -36,6 +37,9 @@ MODELS = {
                   feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
                   num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, vocab_size=32),
 }
+# microsoft/wavlm-base(-plus) / wavlm-large shapes: the same encoders plus 320 relative-position buckets up to 800
+WAVLM = dict(num_buckets=320, max_bucket_distance=800)
+MODELS.update({"wavlm-base": dict(MODELS["base"], **WAVLM), "wavlm-large": dict(MODELS["large"], **WAVLM)})
 
 
 def profile() -> str:
@@ -73,6 +77,7 @@ def frame_lengths(sample_lengths, cfg=MODELS["base"]) -> list[int]:
 # - "compile": baselines that compile per shape (torch.compile, FlexAttention): minutes of CPU time.
 TIERS = ("goal", "matrix", "compile")
 ATTENTION_OPS = ("attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd")
+REL_POS_OPS = ("rel_pos_attention_fwd", "rel_pos_attention_fwd_bwd")
 S1000 = dict(models=["large"], seconds=[20], batch=8)  # S 999 with large's H 16, D 64: the attention goal shape
 # Forced alignment: fp32 log-probs at 50 frames/s, vocab 32, ~15 characters/s, 64 utterances of 4-16 s or
 # one 30-minute file cut into 30 s segments; align() end to end on 1 hour of audio in 30 s segments.
@@ -85,7 +90,9 @@ PROFILES = {
     # tests (bench/gpu_check.py), then the matrix and the compile-heavy baselines while time is left.
     "check": {"dtypes": ["bfloat16"], "entries": [
         *(dict(op=op, tier="goal", **S1000, impls=["triton", "sdpa"]) for op in ATTENTION_OPS),
-        # WavLM's relative-position attention joins the goal tier here, one entry
+        # WavLM's relative-position attention (wavlm-large, S 999, H 16): ours vs the bias materialised
+        dict(op="rel_pos_attention_fwd", tier="goal", models=["wavlm-large"], seconds=[20], batch=8,
+             impls=["triton", "eager", "sdpa_bias"]),
         dict(ALIGN_64, tier="goal", impls=["triton", "torchaudio"]),
         dict(ALIGN_E2E, tier="goal"),
         dict(op="pos_conv_fwd", tier="goal", models=["large"], seconds=[30], batch=8, impls=["triton", "torch"]),
@@ -107,9 +114,16 @@ PROFILES = {
              impls=["cuda", "triton", "torch"]),
         dict(op="e2e_inference", tier="matrix", models=["large", "base"], seconds=[10], batch=8, impls=["hf_patched"]),
         dict(ALIGN_30MIN, tier="matrix", impls=["triton", "torchaudio"]),
+        # the rest of WavLM's: S 499 with base's H 12 and S 1499 with large's H 16, forward and fwd + bwd
+        dict(op="rel_pos_attention_fwd_bwd", tier="matrix", models=["wavlm-large"], seconds=[20], batch=8,
+             impls=["triton", "eager", "sdpa_bias", "torch"]),
+        *(dict(op=op, tier="matrix", models=["wavlm-base", "wavlm-large"], seconds=[10, 30], batch=8,
+               impls=["triton", "eager", "sdpa_bias", "torch"]) for op in REL_POS_OPS),
         dict(op="encoder_forward", tier="matrix"),  # bench/test_bench_pretraining.py, its own shape
         dict(op="pretraining_loss", tier="matrix"),
         *(dict(op=op, tier="compile", **S1000, impls=["flex"]) for op in ATTENTION_OPS),
+        *(dict(op=op, tier="compile", models=["wavlm-large"], seconds=[20], batch=8, impls=["flex"])
+          for op in REL_POS_OPS),
         dict(op="feature_encoder_fwd", tier="compile", models=["base"], seconds=[10, 30], batch=8, impls=["compile"]),
         dict(op="e2e_inference", tier="compile", models=["base"], seconds=[10], batch=8, impls=["hf_compile"]),
         *(dict(op=op, tier="compile", **S1000, impls=["flex_keys"]) for op in ATTENTION_OPS[:2]),
@@ -149,6 +163,12 @@ PROFILES = {
         dict(op="e2e_inference", models=["base"], seconds=[10], batch=2, impls=["ours", "hf_sdpa", "hf_patched"],
              lengths=[160000, 112000]),  # exactly 10 s and 7 s
         dict(ALIGN_64, impls=["ours", "numpy_loop", "torchaudio"]),
+        dict(op="wavlm_inference", models=["wavlm-base"], seconds=[10], batch=2, impls=["hf_patched", "hf_eager"],
+             lengths=[160000, 112000]),  # exactly 10 s and 7 s
+        dict(op="wavlm_inference", models=["wavlm-base"], seconds=[30], batch=1, impls=["hf_patched", "hf_eager"],
+             lengths=[480000]),
+        *(dict(op="wavlm_attention_layer", models=["wavlm-base"], seconds=[s], batch=len(n),
+               impls=["hf_patched", "hf_eager"], lengths=n) for s, n in ((10, [160000, 112000]), (30, [480000]))),
     ]},
 }
 

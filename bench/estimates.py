@@ -67,10 +67,12 @@ STEP_S = {"facts": 15.0, "build extension": 180.0, "extension tests": 30.0, "bac
 # Triton configs each benchmark's first call compiles and times, by op (bf16, head_dim 64, sm_90):
 # attention fwd 5; bwd dK/dV 7 + dQ 5 + preprocess 1; positional conv fwd 3, fwd+bwd 3 + dX 3 + dW 1
 # + GELU bwd 1; feature encoder: the first layer's 2 kernels + the conv layers' 4 configs at kernel
-# sizes 3 and 2 (6 layers: 6 keys of 4 timings); the first layer alone 2.
+# sizes 3 and 2 (6 layers: 6 keys of 4 timings); the first layer alone 2; relative-position attention
+# fwd 3, fwd + bwd 3 + dK/dV 5 + dQ 1 (fixed tiles) + preprocess 1.
 CONFIGS = {"attention_fwd": (5, 5), "attention_bwd": (18, 18), "attention_packed_fwd": (5, 5),
            "attention_packed_bwd": (18, 18), "pos_conv_fwd": (3, 3), "pos_conv_fwd_bwd": (8, 8),
-           "feature_encoder_fwd": (10, 24), "first_conv_layer_fwd": (2, 0)}  # (compiles, timings)
+           "feature_encoder_fwd": (10, 24), "first_conv_layer_fwd": (2, 0),  # (compiles, timings)
+           "rel_pos_attention_fwd": (3, 3), "rel_pos_attention_fwd_bwd": (10, 8)}
 
 
 def call_s(op: str, model: str, lengths: Sequence[int]) -> float:
@@ -80,7 +82,7 @@ def call_s(op: str, model: str, lengths: Sequence[int]) -> float:
     heads = cfg["num_attention_heads"]
     conv = (cfg["conv_dim"], cfg["conv_kernel"], cfg["conv_stride"])
     flops, nbytes, host = 0.0, 0.0, OP_HOST_S
-    if op.startswith("attention"):
+    if op.startswith(("attention", "rel_pos_attention")):
         backward = op.endswith("bwd")
         flops = physics.attention_flops(frames, heads, cfg["hidden_size"] // heads, backward)
         nbytes = physics.attention_bytes(frames, heads, cfg["hidden_size"] // heads, 2, backward)
@@ -150,7 +152,8 @@ class Estimates:
                 return compiles * COMPILE_S + timings * TUNE_S
             return compiles * (COMPILE_S / 2 + TUNE_S)  # a new length: new keys, some new specialisations
         if impl in ("flex", "flex_keys", "compile", "hf_compile"):
-            compile_s = {"compile": FE_COMPILE_S, "hf_compile": HF_COMPILE_S[model]}.get(impl, FLEX_FWD_S)
+            compile_s = FE_COMPILE_S if impl == "compile" else HF_COMPILE_S[model] if impl == "hf_compile" \
+                else FLEX_FWD_S  # flex: WavLM's shapes have no transformers compile time of their own
             if impl.startswith("flex") and op.endswith("bwd"):
                 compile_s *= FLEX_BWD_FACTOR
             return compile_s + (INDUCTOR_IMPORT_S if self._first("inductor") else 0.0)

@@ -21,7 +21,8 @@ from collections import OrderedDict
 OUR_IMPLS = ("triton", "cuda", "ours", "hf_patched")  # the harness verifies these; a failure fails the run
 OP_ORDER = ("attention_fwd", "attention_bwd", "attention_packed_fwd", "attention_packed_bwd",
             "first_conv_layer_fwd", "feature_encoder_fwd", "pos_conv_fwd",
-            "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step", "forced_align", "align_e2e")
+            "pos_conv_fwd_bwd", "e2e_inference", "e2e_ctc_train_step", "forced_align", "align_e2e",
+            "rel_pos_attention_fwd", "rel_pos_attention_fwd_bwd", "wavlm_inference", "wavlm_attention_layer")
 
 
 def load(path: str) -> dict:

@@ -252,7 +252,8 @@ def test_tuned_choices_reports_what_each_autotuner_picked():
     from unispeech_kernels.ops.attention_kernels import FWD_CONFIGS
     from unispeech_kernels.ops._common import AUTOTUNED, tuned_choices
     assert set(AUTOTUNED) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq", "conv_layer_fwd",
-                              "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv"}
+                              "conv_layer_fwd_norm", "conv_layer_bwd_dx", "conv_layer_bwd_dw", "pos_conv_conv",
+                              "rel_pos_attention_fwd", "rel_pos_attention_bwd_dkdv"}
     tuned, key = AUTOTUNED["attention_fwd"], (1024, 64, True, True, False, False, "torch.bfloat16")
     tuned.cache[key] = FWD_CONFIGS[1]
     try:

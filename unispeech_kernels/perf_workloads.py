@@ -93,7 +93,8 @@ def _attention_launches(spec: dict, layout: str) -> list:
     d, packed, dropout = c["HEAD_DIM"], c["PACKED"], c.get("HAS_DROPOUT", False)  # preprocess: no flag
     kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_preprocess_kernel": "bwd",
             "_attn_bwd_dkdv_kernel": "bwd", "_attn_bwd_dq_kernel": "bwd"}[name]
-    op = f"attention{layout}_{kind}" + ("+dropout" if dropout else "")
+    # HAS_BIAS (rel_pos_attention): the same geometry; its gathers, d(gate) and d(table) traffic not counted
+    op = f"{'rel_pos_' if c.get('HAS_BIAS') else ''}attention{layout}_{kind}" + ("+dropout" if dropout else "")
     out = []
     for model in ("base", "large"):
         heads = cases.MODELS[model]["num_attention_heads"]

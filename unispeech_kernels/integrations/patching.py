@@ -1,6 +1,6 @@
 """Accelerate loaded transformers models in place: ``patch_model(model)`` / ``unpatch_model(model)``.
 
-Supported: UniSpeech, UniSpeechSat, Wav2Vec2 and HuBERT (base models and every head). Patched:
+Supported: UniSpeech, UniSpeechSat, Wav2Vec2, HuBERT and WavLM (base models and every head). Patched:
 - the feature encoder (``*FeatureEncoder``) -> ``unispeech_kernels.feature_encoder`` (it returns
   [B, T, C]; transformers wants [B, C, T], so a transposed view is returned and transformers'
   own transpose back is free); one fused op, so with gradient checkpointing on it is recomputed
@@ -8,7 +8,12 @@ Supported: UniSpeech, UniSpeechSat, Wav2Vec2 and HuBERT (base models and every h
 - the positional conv (``*PositionalConvEmbedding``) -> ``unispeech_kernels.pos_conv_embed``
   with the weight norm folded once in inference (transformers adds the residual itself, so the
   op runs without it);
-- attention -> ``attn_implementation="triton"`` (registered with transformers on import).
+- attention -> ``attn_implementation="triton"`` (registered with transformers on import); WavLM's
+  ``WavLMAttention`` (gated relative-position bias, outside transformers' attention interface) ->
+  ``unispeech_kernels.rel_pos_attention`` with the layer's own projections and gate. The first
+  layer passes its ``RelativePositionBias`` (the shared bucket table, no [B*H, T, T] tensor) down
+  as transformers passes its ``position_bias``; given a tensor ``position_bias`` or asked for
+  attention weights, a layer runs transformers' forward (the latter with a warning, once).
 
 Padded batches: batched equals alone, as in unispeech's own classes. transformers' feature encoder
 is called with the audio only, so the base model (``*Model``, the one holding the feature encoder)
@@ -44,9 +49,11 @@ import torch.utils.checkpoint
 from ..dispatch import resolve_backend
 from ..ops.feature_encoder import feature_encoder
 from ..ops.pos_conv import pos_conv_embed
+from ..ops.rel_pos_attention import RelativePositionBias, bias_reference, rel_pos_attention
 from ..weight_norm import FoldedWeightNorm
 
-SUPPORTED_MODEL_TYPES = ("unispeech", "unispeech-sat", "wav2vec2", "hubert")
+SUPPORTED_MODEL_TYPES = ("unispeech", "unispeech-sat", "wav2vec2", "hubert", "wavlm")
+REL_POS_MODEL_TYPES = ("wavlm",)  # attention outside transformers' attention interface, patched as a module
 _SETTINGS = "_unispeech_kernels"  # attribute of a patched module: its KernelSettings
 _STATE = "_unispeech_kernels_patch"  # attribute of a patched model: what patch_model changed
 _LENGTHS = "_unispeech_kernels_lengths"  # attribute of a patched feature encoder during a forward: [B] samples
@@ -133,12 +140,61 @@ def _base_models(model):
     return [m for m in model.modules() if isinstance(getattr(m, "feature_extractor", None), PatchedFeatureEncoder)]
 
 
+class PatchedRelPosAttention(PatchedModule):
+    """A transformers ``WavLMAttention`` running as one ``unispeech_kernels.rel_pos_attention`` op
+    between its own projections. Returns (output, None, the ungated bias to pass down)."""
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
+        if _attention_weights_requested(kwargs) or isinstance(position_bias, torch.Tensor):
+            if isinstance(position_bias, RelativePositionBias):  # the tensor transformers passes down
+                B, S = hidden_states.shape[:2]
+                bias = bias_reference(position_bias.table, S, position_bias.num_buckets, position_bias.max_distance)
+                position_bias = bias[None].expand(B, -1, -1, -1).reshape(B * self.num_heads, S, S)
+            return self.unpatched_class.forward(self, hidden_states, attention_mask, position_bias, index, **kwargs)
+        settings = getattr(self, _SETTINGS)
+        B, S, _ = hidden_states.shape
+        heads = hidden_states.view(B, S, self.num_heads, self.head_dim)
+        if position_bias is None:  # the first layer: its table serves every layer
+            position_bias = RelativePositionBias(self.rel_attn_embed.weight, self.num_buckets, self.max_distance)
+        # gate [B, S, H] from each head's slice of the layer input: two sums of 4 projections
+        projected = self.gru_rel_pos_linear(heads).view(B, S, self.num_heads, 2, 4).sum(-1)
+        gate_a, gate_b = torch.sigmoid(projected).unbind(-1)
+        gate = gate_a * (gate_b * self.gru_rel_pos_const.view(self.num_heads) - 1.0) + 2.0
+        q, k, v = (proj(hidden_states).view(B, S, self.num_heads, self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = rel_pos_attention(q, k, v, position_bias.gated(gate),
+                                attention_mask == 1 if attention_mask is not None else None,
+                                dropout_p=self.dropout if self.training else 0.0, softmax_scale=self.scaling,
+                                backend=resolve_backend("rel_pos_attention", settings.backend), fallback=True)
+        return self.out_proj(out.reshape(B, S, self.embed_dim)), None, position_bias
+
+
+def _attention_weights_requested(kwargs) -> bool:
+    """output_attentions asked for, as a keyword or through transformers' output recorder (a config
+    default); warns once that the layer runs transformers' forward for them."""
+    requested = bool(kwargs.get("output_attentions"))
+    if not requested:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            return False
+        requested = "attentions" in (_active_collector.get() or {})
+    if requested and "output_attentions" not in _WARNED:
+        _WARNED.add("output_attentions")
+        warnings.warn("patch_model: attention weights were asked for (output_attentions=True): WavLM attention "
+                      "runs transformers' eager forward for them", stacklevel=3)
+    return requested
+
+
+_WARNED: set = set()
 _PATCHED_CLASSES: dict = {}  # transformers class -> its patched subclass
+_PATCHED_BASES = (("FeatureEncoder", PatchedFeatureEncoder),  # (transformers class name suffix, patched base)
+                  ("PositionalConvEmbedding", PatchedPositionalConvEmbedding), ("Attention", PatchedRelPosAttention))
 
 
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        base = PatchedFeatureEncoder if cls.__name__.endswith("FeatureEncoder") else PatchedPositionalConvEmbedding
+        base = next(patched for suffix, patched in _PATCHED_BASES if cls.__name__.endswith(suffix))
         _PATCHED_CLASSES[cls] = type(f"Patched{cls.__name__}", (base, cls),
                                      {"unpatched_class": cls, "__module__": __name__})
     return _PATCHED_CLASSES[cls]
@@ -195,6 +251,10 @@ def _pos_conv_settings(module, activation: str, backend) -> KernelSettings:
     return KernelSettings(backend, activation, fold=FoldedWeightNorm())
 
 
+def _rel_pos_attention_settings(module, activation: str, backend) -> KernelSettings:
+    return KernelSettings(backend, activation)
+
+
 def _patch_targets(model):
     """(name, module, settings maker) of every module patch_model replaces."""
     for name, module in model.named_modules():
@@ -203,13 +263,16 @@ def _patch_targets(model):
             yield name, module, _feature_encoder_settings
         elif cls.endswith("PositionalConvEmbedding") and hasattr(module, "conv"):
             yield name, module, _pos_conv_settings
+        elif cls.endswith("Attention") and hasattr(module, "gru_rel_pos_linear"):
+            yield name, module, _rel_pos_attention_settings
 
 
 def patch_model(model, backend: Optional[str] = None):
-    """Route a transformers UniSpeech / UniSpeechSat / Wav2Vec2 / HuBERT model's hot spots through
-    unispeech_kernels. ``backend`` forces one backend for the feature encoder and positional conv
-    (None: the dispatcher picks per input; "cuda": the CUDA extension where the op has it, else
-    Triton, see ``dispatch.resolve_backend``). Returns the model. Patching a patched model again
+    """Route a transformers UniSpeech / UniSpeechSat / Wav2Vec2 / HuBERT / WavLM model's hot spots
+    through unispeech_kernels. ``backend`` forces one backend for the feature encoder, positional
+    conv and WavLM's attention, which falls back with a warning where it cannot run (None: the
+    dispatcher picks per input; "cuda": the CUDA extension where the op has it, else Triton, see
+    ``dispatch.resolve_backend``). Returns the model. Patching a patched model again
     changes nothing and warns; with another ``backend`` it raises (unpatch it first)."""
     _check_model(model)
     state = getattr(model, _STATE, None)
@@ -244,8 +307,10 @@ def patch_model(model, backend: Optional[str] = None):
     for base in _base_models(model):
         base.register_forward_pre_hook(_hand_lengths_to_feature_encoder, with_kwargs=True)
         base.register_forward_hook(_drop_lengths, always_call=True)
-    original_attn = model.config._attn_implementation
-    model.set_attn_implementation("triton")
+    original_attn = None  # WavLM: its attention modules are patched instead
+    if _model_type(model) not in REL_POS_MODEL_TYPES:
+        original_attn = model.config._attn_implementation
+        model.set_attn_implementation("triton")
     setattr(model, _STATE, {"backend": backend, "attn_implementation": original_attn, "patched": patched,
                             "skipped": skipped})
     return model
@@ -263,7 +328,7 @@ def unpatch_model(model):
             module.__class__ = module.unpatched_class
             delattr(module, _SETTINGS)
         state = module.__dict__.pop(_STATE, None)
-        if state is not None:
+        if state is not None and state["attn_implementation"] is not None:
             module.set_attn_implementation(state["attn_implementation"])
     return model
 

@@ -22,7 +22,7 @@ what ``bench/cases.py`` gives the op (no cases: none).
 import importlib
 
 OP_MODULES = ("attention", "attention_packed", "feature_encoder", "first_conv_layer", "conv_layer", "pos_conv",
-              "forced_align")
+              "forced_align", "rel_pos_attention")
 
 
 def op_modules() -> list:

@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._runtime import SM90_SHARED_MEMORY, dot_flags
+from .._runtime import SM90_SHARED_MEMORY, dot_flags, interpret_mode
 from ..dispatch import Inputs, Op
 from ..padding import mask_from_lengths, prefix_lengths
-from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2
+from ._common import KERNEL_DTYPES, aot_spec, cdiv, launch_tuned, length_bucket, next_power_of_2, tile_config
 
 MAX_HEAD_DIM = 256
 
@@ -213,26 +213,28 @@ def _block_d(head_dim: int) -> int:
 
 
 def attn_fwd(q, k, v, mask_u8, kv_end, seed, dropout_p: float, softmax_scale: float, seq_start=None,
-             max_len: int = 0):
+             max_len: int = 0, bias=None):
     """Launch the forward; returns out [B, S, H, D] and lse [B, H, S] (log2 domain). ``seed``: [1]
-    int64, None without dropout. Packed
-    (``seq_start`` [B] int32 first rows, ``kv_end`` the lengths): q, k, v and out are [N, H, D] rows
-    and S = ``max_len``. ``kv_end`` without ``mask_u8`` (padded): a prefix mask, no mask loads."""
+    int64, None without dropout. Packed (``seq_start`` [B] int32 first rows, ``kv_end`` the
+    lengths): q, k, v and out are [N, H, D] rows and S = ``max_len``. ``kv_end`` without ``mask_u8``
+    (padded): a prefix mask, no mask loads. ``bias``: (table [H, 2, L], gate [B, S, H]) contiguous
+    fp32, the gated relative-position bias (``rel_pos_attention.py``; padded batches only)."""
     kern = _kernels()
     packed = seq_start is not None
     (B, S), (H, D) = ((seq_start.numel(), max_len) if packed else q.shape[:2]), q.shape[-2:]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((B, H, S), dtype=torch.float32)
     loads_mask = mask_u8 is not None
+    table, gate = bias if bias is not None else (lse, lse)
     args = (q, k, v, out, lse, mask_u8 if loads_mask else lse, kv_end if kv_end is not None else lse,
-            seq_start if packed else lse, seed if seed is not None else lse,
+            seq_start if packed else lse, seed if seed is not None else lse, table, gate,
             *strides(q), *strides(k), *strides(v), *strides(out),
             *(strides(mask_u8) if loads_mask else (0, 0)),
-            H, S, softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
+            H, S, _distances(bias), softmax_scale * 1.4426950408889634, float(dropout_p), length_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), **_mask_flags(loads_mask, kv_end, packed),
-                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
-    launch_tuned(kern._fwd_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *args, **flags,
-                 interpret=kern.INTERPRET_TILES)
+                 HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, **dot_flags(q.dtype))
+    launch_tuned(kern._fwd_tuned if bias is None else kern._fwd_bias_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H),
+                 *args, **flags, interpret=kern.INTERPRET_TILES)
     return out, lse
 
 
@@ -242,9 +244,16 @@ def _mask_flags(loads_mask: bool, kv_end, packed: bool) -> dict:
     return dict(HAS_MASK=has_mask, PREFIX_MASK=has_mask and not loads_mask, PACKED=packed)
 
 
+def _distances(bias) -> int:
+    """L of a bias's [H, 2, L] table (1 without a bias)."""
+    return bias[0].shape[2] if bias is not None else 1
+
+
 def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, softmax_scale: float,
-             seq_start=None):
-    """Launch preprocess, dK/dV and dQ. ``mask_u8`` / ``kv_end`` as ``attn_fwd`` takes them.
+             seq_start=None, bias=None):
+    """Launch preprocess, dK/dV and dQ: (dq, dk, dv), with ``bias`` (as ``attn_fwd``'s) followed by
+    ddiag [B*H, m blocks, 2S] (the table's gradient by relative position, ``rel_pos_attention``
+    sums it) and dgate [B, S, H] fp32. ``mask_u8`` / ``kv_end`` as ``attn_fwd`` takes them.
     Packed (``seq_start`` given, ``kv_end`` the lengths): every tensor is [N, H, D] rows, S = lse's."""
     kern = _kernels()
     B, H, S = lse.shape
@@ -263,19 +272,33 @@ def attn_bwd(dout, q, k, v, out, lse, seed, mask_u8, kv_end, dropout_p: float, s
     kv_arg = kv_end if kv_end is not None else delta
     start_arg = seq_start if packed else delta
     common = (*strides(q), *strides(k), *strides(v), *strides(dout))
-    scalars = (H, S, softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p), length_bucket(S))
+    scalars = (H, S, _distances(bias), softmax_scale * 1.4426950408889634, softmax_scale, float(dropout_p),
+               length_bucket(S))
     flags = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), **_mask_flags(loads_mask, kv_end, packed),
-                 HAS_DROPOUT=dropout_p > 0.0, **dot_flags(q.dtype))
+                 HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, **dot_flags(q.dtype))
     seed_arg = seed if seed is not None else delta
-    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dk),
-                 *mask_strides, *scalars)
-    dq_args = (q, k, v, dout, dq, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, *common, *strides(dq),
-               *mask_strides, *scalars)
-    launch_tuned(kern._dkdv_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H), *dkdv_args, **flags,
-                 interpret=kern.INTERPRET_TILES)
-    launch_tuned(kern._dq_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *dq_args, **flags,
-                 interpret=kern.INTERPRET_TILES)
-    return dq, dk, dv
+    table, gate = bias if bias is not None else (delta, delta)
+    dkdv_args = (q, k, v, dout, dk, dv, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, table, gate, *common,
+                 *strides(dk), *mask_strides, *scalars)
+    launch_tuned(kern._dkdv_tuned if bias is None else kern._dkdv_bias_tuned, lambda m: (cdiv(S, m["BLOCK_N"]), B * H),
+                 *dkdv_args, **flags, interpret=kern.INTERPRET_TILES)
+    if bias is None:
+        dq_args = (q, k, v, dout, dq, delta, delta, delta, lse, delta, mask_arg, kv_arg, start_arg, seed_arg, delta,
+                   delta, *common, *strides(dq), *mask_strides, *scalars)
+        launch_tuned(kern._dq_tuned, lambda m: (cdiv(S, m["BLOCK_M"]), B * H), *dq_args, **flags,
+                     interpret=kern.INTERPRET_TILES)
+        return dq, dk, dv
+    # fixed tiles: they size the buffers of the table's gradient
+    tiles = tile_config(kern._attn_bwd_dq_kernel, gpu=kern.DQ_BIAS_TILES, interpret=kern.INTERPRET_TILES)
+    grid = (cdiv(S, tiles["BLOCK_M"]), B * H)
+    ddiag = torch.zeros((B * H, grid[0], 2 * S), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((B * H * grid[0], tiles["BLOCK_M"] * tiles["BLOCK_N"]), dtype=torch.float32, device=q.device)
+    dgate = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+    launch = {} if interpret_mode() else dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    kern._attn_bwd_dq_kernel[grid](q, k, v, dout, dq, dgate, ddiag, scratch, lse, delta, mask_arg, kv_arg, start_arg,
+                                   seed_arg, table, gate, *common, *strides(dq), *mask_strides, *scalars, **flags,
+                                   BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], **launch)
+    return dq, dk, dv, ddiag, dgate
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seq: int, dropout_p: float):
@@ -323,17 +346,26 @@ def triton_attention(inputs: AttentionCall, mask_u8, kv_end, seq_start=None, max
                                 "float dropout_p, float softmax_scale) -> (Tensor, Tensor, Tensor)")
 def attention_fwd_op(q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale):
     """Triton forward as a torch.library op: (out, lse, seed)."""
-    seed = (draw_dropout_seed(q.device) if dropout_p > 0.0
-            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    seed = forward_seed(dropout_p, q.device)
     out, lse = attn_fwd(q, k, v, *mask_args(key_padding_mask, lengths), seed, dropout_p, softmax_scale)
     return out, lse, seed
 
 
-@attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale):
+def forward_seed(dropout_p: float, device) -> torch.Tensor:
+    """A forward op's [1] int64 dropout seed: drawn with dropout, 0 without."""
+    return draw_dropout_seed(device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def fake_forward(q):
+    """(out, lse, seed) of a forward op on padded [B, S, H, D] q, as meta tensors (its fake impl)."""
     B, S, H, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, lengths, dropout_p, softmax_scale):
+    return fake_forward(q)
 
 
 @torch.library.custom_op("unispeech_kernels::attention_bwd", mutates_args=(),
@@ -461,7 +493,8 @@ _AOT_DTYPES = {torch.bfloat16: "bf16"}
 _AOT_HEAD_DIMS = (64,)
 _AOT_SEQ = 1024  # bucketed length of UniSpeech's 10-20 s utterances (499-999 frames)
 _POINTER_TYPES = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "mask_ptr": "*u8", "keep_ptr": "*u8",
-                  "kv_end_ptr": "*i32", "seq_start_ptr": "*i32", "seed_ptr": "*i64"}
+                  "kv_end_ptr": "*i32", "seq_start_ptr": "*i32", "seed_ptr": "*i64",
+                  **{name: "*fp32" for name in ("table_ptr", "gate_ptr", "dgate_ptr", "ddiag_ptr", "scratch_ptr")}}
 _FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_p")
 
 
@@ -474,7 +507,7 @@ def _aot_spec(name, fn, elem, constexprs, num_warps, num_stages, mma):
     mask = constexprs.get("HAS_MASK", False) and not constexprs.get("PREFIX_MASK", False)  # a mask is loaded
     unit = [a for a in fn.arg_names if a.startswith("stride_") and a.endswith("d") or mask and a == "stride_ms"]
     constexprs = {**{a: 1 for a in unit}, **constexprs}
-    types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "S_BUCKET")
+    types = {a: _POINTER_TYPES.get(a, "fp32" if a in _FLOAT_ARGS else "i32" if a in ("H", "S", "L", "S_BUCKET")
                                    or a.startswith("stride_") else "*" + elem) for a in fn.arg_names}
     divisible = [a for a in fn.arg_names if a not in constexprs and (
         a.startswith("stride_") and not (mask and a == "stride_mb") or a in ("H", "S_BUCKET"))]
@@ -502,7 +535,7 @@ def aot_specs():
                         packed = layout == "_packed"
                         flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_MASK=not packed,
                                      PREFIX_MASK=layout == "_prefix", PACKED=packed, HAS_DROPOUT=dropout,
-                                     UPCAST=False, DOT_PREC="tf32", **c.kwargs)
+                                     HAS_BIAS=False, UPCAST=False, DOT_PREC="tf32", **c.kwargs)
                         tag = f"attn_{kname}_{elem}_d{d}_m{c.kwargs['BLOCK_M']}_n{c.kwargs['BLOCK_N']}" \
                               f"_w{c.num_warps}_s{c.num_stages}" + "_dropout" * dropout + layout
                         specs.append(_aot_spec(tag, fn, elem, flags, c.num_warps, c.num_stages, True))
