@@ -24,7 +24,9 @@ VARIANTS = [("group", False), ("layer", True)]  # (feat_extract_norm, do_stable_
 
 
 def _model(head="WavLMModel", norm="group", stable=False):
-    config = transformers.WavLMConfig(**TINY, feat_extract_norm=norm, do_stable_layer_norm=stable)
+    # transformers' padded group-norm numerics (patch_model's default takes per-utterance statistics)
+    config = transformers.WavLMConfig(**TINY, feat_extract_norm=norm, do_stable_layer_norm=stable,
+                                      batch_invariant_group_norm=False)
     model = getattr(transformers, head)(config).eval()
     with torch.no_grad():  # a bias and gates that matter: the init's are near zero and constant
         for module in model.modules():
