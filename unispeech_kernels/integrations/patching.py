@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 
-from ..dispatch import resolve_backend
+from ..dispatch import BACKEND_NAMES, resolve_backend
 from ..ops.feature_encoder import feature_encoder
 from ..ops.pos_conv import pos_conv_embed
 from ..ops.rel_pos_attention import RelativePositionBias, bias_reference, rel_pos_attention
@@ -275,6 +275,8 @@ def patch_model(model, backend: Optional[str] = None):
     ``dispatch.resolve_backend``). Returns the model. Patching a patched model again
     changes nothing and warns; with another ``backend`` it raises (unpatch it first)."""
     _check_model(model)
+    if backend not in (None, "auto", *BACKEND_NAMES):
+        raise ValueError(f"patch_model: unknown backend {backend!r}; valid: None, 'auto', {', '.join(BACKEND_NAMES)}")
     state = getattr(model, _STATE, None)
     if state is not None:
         if state["backend"] != backend:

@@ -15,6 +15,13 @@ length (conv_output_length of its samples) may be left uncomputed (the torch bac
 so they are unchanged). ``host_lengths``: the same lengths as host ints, when the caller has read
 them (the trim then needs no host sync). Under autocast the op casts its inputs to autocast's dtype
 and runs in it (``follows_autocast``).
+Padding and non-finite input (the same in every backend): a real frame reads only real samples
+through its conv windows, so padding reaches it only through group-norm statistics taken over the
+padded length (batch_invariant=False, transformers' numerics); with input_lengths, a NaN or Inf
+sample past them is read as zero there, so it cannot poison the real frames, and with
+batch_invariant=True (the default: statistics over the real frames) no padded value reaches a real
+frame at all. A NaN or Inf among the real samples reaches the frames whose windows hold it and,
+through the group-norm statistics, every frame of its utterance.
 
 Triton backend: layer 0 is first_conv_layer's Triton kernel (memory-bound, recomputed in its
 backward), layers 1..N are conv_layer's implicit GEMMs over channels-last [B, T, C] with the norm
@@ -36,7 +43,7 @@ import torch.nn.functional as F
 
 from ..activations import get_activation
 from ..dispatch import Inputs, Op
-from ..padding import conv_output_length, receptive_field
+from ..padding import conv_output_length, mask_from_lengths, receptive_field
 from ._common import follows_autocast
 from .conv_layer import CONV_LAYER_TRITON, ConvLayerInputs, conv_layer
 from .first_conv_layer import FirstConvLayerInputs, first_conv_layer_op, group_norm_over_lengths
@@ -151,6 +158,11 @@ def check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_s
     if input_values.shape[1] < field:
         raise ValueError(f"feature_encoder: audio of {input_values.shape[1]} samples is shorter than the "
                          f"receptive field of the conv stack ({field} samples)")
+    if input_lengths is not None and not isinstance(input_lengths, torch.Tensor):
+        raise TypeError(f"feature_encoder: input_lengths must be a tensor of sample counts, got "
+                        f"{type(input_lengths).__name__}")
+    if input_lengths is not None and (input_lengths.is_floating_point() or input_lengths.dtype == torch.bool):
+        raise TypeError(f"feature_encoder: input_lengths must hold integers, got {input_lengths.dtype}")
     if input_lengths is not None and tuple(input_lengths.shape) != (input_values.shape[0],):
         raise ValueError(f"feature_encoder: input_lengths must have shape [batch], got {tuple(input_lengths.shape)}")
     if input_lengths is not None and input_lengths.device != input_values.device:
@@ -228,6 +240,10 @@ def feature_encoder(input_values, conv_weights, conv_biases, conv_strides, norm_
     """Run the whole conv feature encoder; returns [B, T, C]. See the module docstring."""
     check_feature_encoder_inputs(input_values, conv_weights, conv_biases, conv_strides, norm_mode,
                                  norm_weights, norm_biases, input_lengths)
+    get_activation(activation)  # an unknown name fails here, whichever backend runs
+    if input_lengths is not None:  # non-finite padding reads as zeros (see the module docstring)
+        real = mask_from_lengths(input_lengths, input_values.shape[1])
+        input_values = torch.where(real | torch.isfinite(input_values), input_values, 0.0)
     inputs = FeatureEncoderInputs(input_values, tuple(conv_weights), tuple(conv_biases), tuple(conv_strides),
                                   norm_mode, tuple(norm_weights), tuple(norm_biases), eps, activation, input_lengths,
                                   batch_invariant, trim_padding, None if host_lengths is None else tuple(host_lengths))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -50,6 +51,9 @@ def pos_conv_reference(hidden, weight, bias, *, groups, activation="gelu", resid
     if upcast:
         hidden, weight = hidden.double(), weight.double()
         bias = bias.double() if bias is not None else None
+    if hidden.shape[1] == 0:  # no frame: the empty output, zero parameter gradients (conv1d rejects it)
+        out = hidden + sum(t.sum() * 0.0 for t in (weight, bias) if t is not None)
+        return out if upcast else out.to(dtype)
     k = weight.shape[-1]
     y = F.conv1d(hidden.transpose(1, 2), weight, bias, padding=k // 2, groups=groups)
     if k % 2 == 0:
@@ -67,6 +71,11 @@ def check_pos_conv_inputs(hidden, weight, bias, groups):
                          f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)}")
     if not hidden.is_floating_point():
         raise TypeError(f"pos_conv_embed: hidden must be floating point, got {hidden.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"pos_conv_embed: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool):
+        raise TypeError(f"pos_conv_embed: groups must be an int, got {groups!r}")
     c = hidden.shape[-1]
     if groups < 1 or c % groups:
         raise ValueError(f"pos_conv_embed: channels {c} not divisible by groups {groups}")
@@ -312,6 +321,7 @@ def pos_conv_embed(hidden, weight, bias=None, *, groups: int, activation: str = 
     """hidden + act(conv(hidden)) with same padding (act(conv(hidden)) when not ``residual``);
     see the module docstring."""
     check_pos_conv_inputs(hidden, weight, bias, groups)
+    get_activation(activation)  # an unknown name fails here, whichever backend runs
     return pos_conv_op(PosConvInputs(hidden, weight, bias, groups, activation, residual), backend)
 
 
