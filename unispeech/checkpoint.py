@@ -142,7 +142,11 @@ def load_pretrained(cls, folder, *, config=None, attn_implementation=None, kerne
     targets = model.state_dict()
     with torch.no_grad():
         for name, key in plan.load.items():
-            targets[name].copy_(tensors[key])
+            tensor = tensors[key]
+            if tensor.is_floating_point() != targets[name].is_floating_point():
+                raise TypeError(f"checkpoint in {folder}: {key} is {tensor.dtype}, the model's {name} is "
+                                f"{targets[name].dtype}: the checkpoint does not hold this model's weights")
+            targets[name].copy_(tensor)
     model.eval()
     if not output_loading_info:
         return model

@@ -150,6 +150,7 @@ class UniSpeechConfig:
         return functools.reduce(operator.mul, self.conv_stride, 1)
 
     def validate(self):
+        check_field_types(self)
         n = len(self.conv_dim)
         if len(self.conv_stride) != n or len(self.conv_kernel) != n or n == 0:
             raise ValueError("conv_dim, conv_stride and conv_kernel must be non-empty and of equal length, got "
@@ -224,7 +225,10 @@ class UniSpeechConfig:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     def save_pretrained(self, folder):
         os.makedirs(folder, exist_ok=True)
@@ -248,6 +252,40 @@ class UniSpeechConfig:
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+NULLABLE = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+POSITIVE = ("hidden_size", "num_attention_heads", "intermediate_size", "num_conv_pos_embeddings",
+            "num_conv_pos_embedding_groups", "conv_dim", "conv_kernel", "conv_stride", "vocab_size",
+            "classifier_proj_size", "codevector_dim", "proj_codevector_dim", "num_codevectors_per_group",
+            "num_codevector_groups")
+
+
+def check_field_types(config):
+    """Every transformers field holds its default's type (an int where the default is an int, a
+    list of ints for the conv shapes...), sizes are positive: a TypeError / ValueError names the key."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    for name, default in HF_DEFAULTS.items():
+        value = getattr(config, name)
+        if value is None and name in NULLABLE:
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "a bool"
+        elif isinstance(default, int):
+            ok, kind = is_int(value), "an int"
+        elif isinstance(default, float):
+            ok, kind = is_int(value) or isinstance(value, float), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            ok, kind = isinstance(value, (list, tuple)) and all(map(is_int, value)), "a list of ints"
+        if not ok:
+            raise TypeError(f"config field {name!r} must be {kind}, got {value!r} ({type(value).__name__})")
+        if name in POSITIVE and min(value if isinstance(value, (list, tuple)) else [value], default=1) < 1:
+            raise ValueError(f"config field {name!r} must be positive, got {value!r}")
+    if config.num_hidden_layers < 0:
+        raise ValueError(f"config field 'num_hidden_layers' must be >= 0, got {config.num_hidden_layers}")
 
 
 def to_unispeech_config(config, user: str) -> UniSpeechConfig:

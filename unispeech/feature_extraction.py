@@ -99,6 +99,15 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _integer_samples(raw_speech: Any) -> bool:
+    """Whether the audio (or the batch's first utterance) holds integer samples."""
+    first = raw_speech[0] if isinstance(raw_speech, (list, tuple)) and raw_speech else raw_speech
+    dtype = getattr(first, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return not dtype.is_floating_point and dtype != torch.bool
+    return dtype is not None and np.issubdtype(dtype, np.integer)
+
+
 def _is_scalar(x: Any) -> bool:
     return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
 
@@ -114,6 +123,11 @@ def as_utterances(raw_speech: Any) -> List[np.ndarray]:
         array = _to_numpy(raw_speech)
         if array.ndim == 1:
             items = [array]
+        elif array.ndim == 2 and array.shape[1] <= MAX_CHANNELS < array.shape[0]:
+            raise ValueError(
+                f"raw_speech has shape {tuple(array.shape)}: this looks like {array.shape[1]}-channel audio "
+                "[samples, channels] (soundfile's layout); mix it down (x.mean(axis=1)) or give a batch [B, L]"
+            )
         elif array.ndim == 2:
             items = list(array)
         else:
@@ -134,6 +148,8 @@ def as_utterances(raw_speech: Any) -> List[np.ndarray]:
             f"raw_speech must be a numpy array, a torch tensor or a list, got {type(raw_speech).__name__}"
         )
     for i, item in enumerate(items):
+        if not (np.issubdtype(item.dtype, np.floating) or np.issubdtype(item.dtype, np.integer)):
+            raise TypeError(f"utterance {i} has dtype {item.dtype}; audio samples must be numbers")
         if item.ndim != 1:
             raise ValueError(
                 f"utterance {i} has shape {tuple(item.shape)}; each utterance must be 1-D mono audio "
@@ -141,14 +157,27 @@ def as_utterances(raw_speech: Any) -> List[np.ndarray]:
             )
         if item.shape[0] == 0:
             raise ValueError(f"utterance {i} is empty (0 samples)")
-        if not (np.issubdtype(item.dtype, np.floating) or np.issubdtype(item.dtype, np.integer)):
-            raise TypeError(f"utterance {i} has dtype {item.dtype}; audio samples must be numbers")
     return [item.astype(np.float32, copy=False) for item in items]
+
+
+MAX_CHANNELS = 8  # a [L, c] array with c <= this (and L > c) is multi-channel audio, not c-sample utterances
 
 
 def zero_mean_unit_var(x: np.ndarray) -> np.ndarray:
     """(x - mean) / sqrt(var + 1e-7) in x's dtype, the formula transformers uses."""
     return (x - x.mean()) / np.sqrt(x.var() + NORM_EPS)
+
+
+def read_json_object(path: str) -> Dict[str, Any]:
+    """The JSON object in ``path``; a ValueError names the file when it holds anything else."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 class UniSpeechFeatureExtractor:
@@ -174,8 +203,10 @@ class UniSpeechFeatureExtractor:
             raise ValueError(f"feature_size must be 1 (mono raw audio), got {feature_size}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if not isinstance(sampling_rate, int) or isinstance(sampling_rate, bool) or sampling_rate < 1:
+            raise ValueError(f"sampling_rate must be a positive int (Hz), got {sampling_rate!r}")
         self.feature_size = feature_size
-        self.sampling_rate = int(sampling_rate)
+        self.sampling_rate = sampling_rate
         self.padding_value = float(padding_value)
         self.return_attention_mask = bool(return_attention_mask)
         self.do_normalize = bool(do_normalize)
@@ -219,6 +250,9 @@ class UniSpeechFeatureExtractor:
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length")
         return_attention_mask = return_attention_mask is not False
+        if not self.do_normalize and _integer_samples(raw_speech):
+            logger.warning("integer audio samples (PCM) with do_normalize=False go to the model unscaled: "
+                           "divide int16 audio by 32768 to get the [-1, 1] floats models are trained on")
         rows = as_utterances(raw_speech)
 
         if truncation:
@@ -279,17 +313,19 @@ class UniSpeechFeatureExtractor:
             raise OSError(f"{folder!r} is not a local folder (this library does not download from a model hub)")
         path = os.path.join(folder, FEATURE_EXTRACTOR_NAME)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json_object(path)
         else:
             processor_path = os.path.join(folder, PROCESSOR_NAME)
             config = None
             if os.path.isfile(processor_path):
-                with open(processor_path, encoding="utf-8") as f:
-                    config = json.load(f).get("feature_extractor")
+                path = processor_path
+                config = read_json_object(path).get("feature_extractor")
             if config is None:
                 raise FileNotFoundError(
                     f"no {FEATURE_EXTRACTOR_NAME} (nor a feature_extractor entry in {PROCESSOR_NAME}) in {folder!r}"
                 )
         config.update(overrides)
-        return cls(**config)
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None

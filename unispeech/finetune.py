@@ -14,7 +14,6 @@ special_tokens_map.json) that transformers' ``pipeline("automatic-speech-recogni
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration import UniSpeechConfig
-from .feature_extraction import UniSpeechFeatureExtractor
+from .feature_extraction import UniSpeechFeatureExtractor, read_json_object
 from .heads import UniSpeechForCTC
 from .processing import UniSpeechProcessor
 from .tokenization import VOCAB_NAME, UniSpeechCTCTokenizer
@@ -66,8 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _vocabulary(args, utterances) -> dict:
     path = args.vocab or os.path.join(args.checkpoint, VOCAB_NAME)
     if args.vocab or os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_object(path)
     return character_vocabulary(utterances)
 
 

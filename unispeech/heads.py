@@ -118,15 +118,33 @@ class UniSpeechForSequenceClassification(_HeadBase):
             pooled = hidden.mean(dim=1)
         else:  # mean over real frames only
             frames = self._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
+            if not torch.compiler.is_compiling() and not frames.any(1).all():
+                raise ValueError(f"attention_mask leaves utterance(s) {(~frames.any(1)).nonzero()[:, 0].tolist()} "
+                                 "no real frame: there is nothing to classify (at least "
+                                 f"{self.unispeech.feature_extractor.receptive_field} real samples are needed)")
             pooled = hidden.masked_fill(~frames[:, :, None], 0.0).sum(dim=1) / frames.sum(dim=1).view(-1, 1)
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:
+            check_class_labels(labels, cfg.num_labels, logits.shape[0])
             loss = nn.functional.cross_entropy(logits.view(-1, cfg.num_labels), labels.view(-1))
         result = SequenceClassifierOutput(loss=loss, logits=logits,
                                           hidden_states=out.hidden_states if output_hidden_states else None,
                                           attentions=out.attentions)
         return result if return_dict else result.to_tuple()
+
+
+def check_class_labels(labels, num_labels: int, batch: int):
+    """labels [B] integer class ids in [0, num_labels) (-100: ignored, as cross_entropy's default)."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be a tensor of integer class ids, got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.numel() != batch:
+        raise ValueError(f"labels must hold one class id per utterance ({batch}), got shape {tuple(labels.shape)}")
+    bad = (labels != -100) & ((labels < 0) | (labels >= num_labels))
+    if bad.any():
+        raise ValueError(f"labels must be class ids in [0, num_labels={num_labels}) or -100, got "
+                         f"{labels[bad].tolist()}")
 
 
 class UniSpeechForPreTraining(_HeadBase):

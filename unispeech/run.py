@@ -58,8 +58,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible to torch")
-    if args.batch < 1 or args.seconds <= 0 or args.repeats < 1:
+    if args.batch < 1 or not args.seconds > 0 or args.repeats < 1:  # NaN fails the comparison too
         ap.error("--batch, --seconds and --repeats must be positive")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        ap.error(f"--checkpoint {args.checkpoint!r} is not a local folder (config.json + model weights)")
     return args
 
 

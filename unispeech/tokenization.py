@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .feature_extraction import BatchFeature, resolve_padding, round_up
+from .feature_extraction import BatchFeature, read_json_object, resolve_padding, round_up
 
 VOCAB_NAME = "vocab.json"
 CONFIG_NAME = "tokenizer_config.json"
@@ -111,8 +111,7 @@ class UniSpeechCTCTokenizer:
         if vocab is None:
             if not os.path.isfile(vocab_file):
                 raise FileNotFoundError(f"vocabulary file {os.fspath(vocab_file)!r} does not exist")
-            with open(vocab_file, encoding="utf-8") as f:
-                vocab = json.load(f)
+            vocab = read_json_object(os.fspath(vocab_file))
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.vocab = vocab
@@ -464,12 +463,10 @@ class UniSpeechCTCTokenizer:
         for name in (SPECIAL_TOKENS_MAP_NAME, CONFIG_NAME):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    config.update(json.load(f))
+                config.update(read_json_object(path))
         added_path = os.path.join(folder, ADDED_TOKENS_NAME)
         if os.path.isfile(added_path) and "added_tokens_decoder" not in config:
-            with open(added_path, encoding="utf-8") as f:
-                config["added_tokens_decoder"] = {i: c for c, i in json.load(f).items()}
+            config["added_tokens_decoder"] = {i: c for c, i in read_json_object(added_path).items()}
         for name in SPECIAL_TOKEN_NAMES + ("word_delimiter_token",):
             if name in config:
                 config[name] = _token_content(config[name])

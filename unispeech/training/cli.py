@@ -67,9 +67,11 @@ def add_training_arguments(p: argparse.ArgumentParser, steps: int, lr: float, ba
 def check_training_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if min(args.steps, args.batch_size, args.accumulate, args.log_every, args.shard_batches) < 1:
         p.error("--steps, --batch-size, --accumulate, --log-every and --shard-batches must be >= 1")
-    if args.lr <= 0 or args.clip_norm <= 0 or args.num_workers < 0:
+    if not (args.lr > 0 and args.clip_norm > 0) or args.num_workers < 0:  # NaN fails the comparisons too
         p.error("--lr and --clip-norm must be > 0, --num-workers >= 0")
-    if args.max_seconds is not None and args.max_seconds <= 0:
+    if not (args.warmup >= 0 and args.hold >= 0 and args.warmup + args.hold <= 1 and 0 < args.final_lr_scale <= 1):
+        p.error("--warmup and --hold must be fractions >= 0 summing to at most 1, --final-lr-scale in (0, 1]")
+    if args.max_seconds is not None and not args.max_seconds > 0:
         p.error("--max-seconds must be > 0")
     try:
         args.config_overrides = parse_overrides(args.set)
