@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_training_arguments(p, args)
     if not 0.0 <= args.ctc_weight <= 1.0:
         p.error("--ctc-weight must be in [0, 1]")
+    if args.synthetic is not None and args.synthetic < 1:
+        p.error("--synthetic must be >= 1 utterances")
+    if args.hidden_size < 4 or args.hidden_size % 4 or args.layers < 0 or args.conv_dim < 1:
+        p.error("--hidden-size must be a positive multiple of 4 (4 heads), --layers >= 0, --conv-dim >= 1")
     return args
 
 

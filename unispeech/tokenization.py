@@ -333,8 +333,14 @@ class UniSpeechCTCTokenizer:
             # transformers reads a single id as the characters of its token
             tokens = list(self.convert_ids_to_tokens(int(token_ids)))
         else:
+            if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+                raise TypeError(f"decode takes a sequence of integer ids, got {type(token_ids).__name__}")
             if any(isinstance(i, (list, tuple)) for i in token_ids):
                 raise ValueError("decode takes one sequence of ids; use batch_decode for a batch")
+            bad = [i for i in token_ids if not isinstance(i, (int, np.integer)) or isinstance(i, bool)]
+            if bad:
+                raise TypeError(f"decode takes integer ids (an unknown id decodes as the unk token, as in "
+                                f"transformers), got {bad[:3]!r}")
             tokens = self.convert_ids_to_tokens(token_ids)
         if skip_special_tokens:
             special = set(self.all_special_tokens)
@@ -363,6 +369,8 @@ class UniSpeechCTCTokenizer:
         CTCDecoderOutput whose fields are lists over the batch."""
         if isinstance(sequences, (torch.Tensor, np.ndarray)) and sequences.ndim != 2:
             raise ValueError(f"batch_decode expects [batch, frames] ids, got shape {tuple(sequences.shape)}")
+        if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__"):
+            raise TypeError(f"batch_decode expects [batch, frames] ids, got {type(sequences).__name__}")
         decoded = [
             self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces,
                         output_char_offsets=output_char_offsets, output_word_offsets=output_word_offsets, **kwargs)
