@@ -44,8 +44,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The ten tightest comparisons (err / bound) of this run; all of them to $UNISPEECH_MARGINS_JSON."""
+    """The bad-input cases by outcome; the ten tightest comparisons (err / bound) of this run, all of
+    them to $UNISPEECH_MARGINS_JSON."""
+    from tests.bad_inputs import OUTCOMES
     from tests.tolerances import MARGINS
+    if OUTCOMES:
+        terminalreporter.section(f"bad-input cases by outcome ({sum(OUTCOMES.values())} in all)")
+        for outcome, n in sorted(OUTCOMES.items()):
+            terminalreporter.write_line(f"{n:5d}  {outcome}")
     if not MARGINS:
         return
     path = os.environ.get("UNISPEECH_MARGINS_JSON")

@@ -168,6 +168,11 @@ def test_mask_args_reuse_kv_end_until_the_mask_changes():
     mask[1, 6] = True
     assert mask_args(mask)[1].tolist() == [5, 7]
     assert mask_args(None) == (None, None)
+    with torch.inference_mode():  # inference tensors have no version counter: computed every time
+        frozen = _prefix_mask([4, 2], 8)
+        assert mask_args(frozen)[1].tolist() == [4, 2]
+        frozen[1, 3] = True
+        assert mask_args(frozen)[1].tolist() == [4, 4]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -82,7 +82,7 @@ def test_attention_tunes_once_per_length_bucket(autotuning):
     q, k, v = _inputs(2, 100, 2, 64, torch.float16)
     check_against_reference(q, k, v, _prefix_mask([100, 70], 100))
     for name in ATTENTION_KERNELS:
-        _assert_tuned(autotuning, name, 1, (128, 64, True, False, False))
+        _assert_tuned(autotuning, name, 1, (128, 64, True, False, False, False))
     before = _timed_counts(autotuning)
     q, k, v = _inputs(2, 120, 2, 64, torch.float16)
     check_against_reference(q, k, v, _prefix_mask([120, 65], 120))
@@ -90,7 +90,7 @@ def test_attention_tunes_once_per_length_bucket(autotuning):
     q, k, v = _inputs(1, 130, 2, 64, torch.float16)
     check_against_reference(q, k, v, None)
     for name in ATTENTION_KERNELS:
-        _assert_tuned(autotuning, name, 2, (256, 64, False, False, False))
+        _assert_tuned(autotuning, name, 2, (256, 64, False, False, False, False))
 
 
 @on_cpu_only
@@ -102,7 +102,7 @@ def test_attention_with_dropout(autotuning):
     keep = dropout_keep_mask(draw_dropout_seed(DEVICE), B, H, S, 0.2)
     check_against_reference(q, k, v, _prefix_mask([S, 70], S), dropout_p=0.2, dropout_mask=keep, rng_seed=3)
     for name in ATTENTION_KERNELS:
-        _assert_tuned(autotuning, name, 1, (128, 64, True, False, True))
+        _assert_tuned(autotuning, name, 1, (128, 64, True, False, False, True))
 
 
 @on_cpu_only
@@ -112,7 +112,7 @@ def test_attention_packed(autotuning):
     out, grads = _out_and_grads(lambda *t: attention_packed(*t, LENGTHS, backend="triton"), q, k, v, grad)
     _assert_matches_reference(out, grads, q, k, v, grad, LENGTHS)
     for name in ATTENTION_KERNELS:
-        _assert_tuned(autotuning, name, 1, (64, 64, False, True, False))
+        _assert_tuned(autotuning, name, 1, (64, 64, False, False, True, False))
 
 
 @on_cpu_only

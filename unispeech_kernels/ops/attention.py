@@ -137,6 +137,15 @@ class AttentionCall(Inputs):
     def scale(self) -> float:
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.q.shape[-1])
 
+    def sequence_span(self, rows: int) -> int:
+        """Elements that ``rows`` rows of one sequence span in q, k, v or the output (contiguous):
+        the kernels' offsets within a sequence are int32."""
+        def span(shape, stride):
+            return sum((max(n, 1) - 1) * st for n, st in zip(shape, stride)) + 1
+        heads = self.q.shape[-2:]
+        return max([span((rows, *heads), t.stride()[-3:]) for t in (self.q, self.k, self.v)]
+                   + [span((rows, *heads), (heads[0] * heads[1], heads[1], 1))])
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs(AttentionCall):
@@ -159,10 +168,11 @@ class AttentionInputs(AttentionCall):
     @property
     def sizes(self):
         B, S, H, D = self.q.shape
-        return {"head_dim": D, "batch*heads (a grid axis)": B * H, "seq": S}
+        return {"head_dim": D, "batch*heads (a grid axis)": B * H, "seq": S, SPAN: self.sequence_span(S)}
 
 
 FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
+SPAN = "elements one sequence spans (int32 offsets)"
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -195,6 +205,8 @@ def mask_args(mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor] = No
     ops, no host sync) and reused while that tensor lives unmodified."""
     if mask is None:
         return None, (None if lengths is None else lengths.to(torch.int32))
+    if mask.is_inference():  # inference tensors track no version: nothing tells a reused one is unchanged
+        return mask.view(torch.uint8), kv_end_from_mask(mask)
     ref, version, kv_end = _LAST_MASK
     if ref is None or ref() is not mask or mask._version != version:
         kv_end = kv_end_from_mask(mask)
@@ -449,7 +461,8 @@ def _empty_sequence(inputs):
 
 # what the Triton kernels take, for this op and its packed variant
 TRITON_CAPABILITIES = dict(runtime="triton", dtypes=KERNEL_DTYPES, features=tuple(FEATURES),
-                           limits=(("head_dim", MAX_HEAD_DIM), ("batch*heads (a grid axis)", 65535)),
+                           limits=(("head_dim", MAX_HEAD_DIM), ("batch*heads (a grid axis)", 65535),
+                                   (SPAN, 2 ** 31 - 1)),
                            not_supported_reasons=_empty_sequence)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..dispatch import Op
 from ..padding import host_to_device, sequence_starts
-from .attention import (FEATURES, TRITON_CAPABILITIES, AttentionCall, attn_bwd, attn_fwd, check_dropout_and_scale,
+from .attention import (FEATURES, SPAN, TRITON_CAPABILITIES, AttentionCall, attn_bwd, attn_fwd, check_dropout_and_scale,
                         check_qkv, draw_dropout_seed, sdpa_unmasked, triton_attention)
 
 
@@ -44,13 +44,25 @@ class PackedAttentionInputs(AttentionCall):
 
     @property
     def sizes(self):
+        longest = max(self.lengths, default=0)
         return {"head_dim": self.q.shape[-1], "batch*heads (a grid axis)": len(self.lengths) * self.q.shape[1],
-                "seq": max(self.lengths, default=0)}
+                "seq": longest, SPAN: self.sequence_span(longest)}
 
 
 def check_packed_inputs(q, k, v, lengths, dropout_p, softmax_scale) -> list:
     """The lengths as a list of ints, after checking every argument."""
     check_qkv(q, k, v, ("rows", "heads", "head_dim"), "attention_packed")
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() != 1:
+            raise ValueError(f"attention_packed: lengths must be a sequence of ints, got a tensor of shape "
+                             f"{tuple(lengths.shape)}")
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+            raise TypeError(f"attention_packed: lengths must be integers, got a {lengths.dtype} tensor")
+        if lengths.device.type == "meta":
+            raise ValueError("attention_packed: lengths on meta hold no values: give host ints")
+        lengths = lengths.tolist()
+    if isinstance(lengths, (str, bytes)) or any(isinstance(n, bool) for n in lengths):
+        raise TypeError(f"attention_packed: lengths must be integers, got {lengths!r}")
     try:
         lengths = [operator.index(n) for n in lengths]
     except TypeError:

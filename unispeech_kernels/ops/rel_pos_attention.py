@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..dispatch import Op
 from ..padding import prefix_lengths
-from .attention import (_AOT_SEQ, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, attn_bwd,
+from .attention import (_AOT_SEQ, SPAN, TRITON_CAPABILITIES, AttentionCall, _aot_spec, _block_d, attn_bwd,
                         attn_fwd, check_attention_inputs, fake_forward, forward_seed, mask_args)
 
 
@@ -162,7 +162,7 @@ class RelPosAttentionInputs(AttentionCall):
     @property
     def sizes(self):
         B, S, H, D = self.q.shape
-        return {"head_dim": D, "batch*heads (a grid axis)": B * H, "seq": S}
+        return {"head_dim": D, "batch*heads (a grid axis)": B * H, "seq": S, SPAN: self.sequence_span(S)}
 
 
 FEATURES = {"dropout": "has no dropout", "training": "has no backward"}
