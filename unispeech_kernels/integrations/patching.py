@@ -8,7 +8,8 @@ Supported: UniSpeech, UniSpeechSat, Wav2Vec2 and HuBERT (base models and every h
 - the positional conv (``*PositionalConvEmbedding``) -> ``unispeech_kernels.pos_conv_embed``
   with the weight norm folded once in inference (transformers adds the residual itself, so the
   op runs without it);
-- attention -> ``attn_implementation="triton"`` (registered with transformers on import).
+- attention -> ``attn_implementation="triton"`` (registered with transformers on import), unless
+  ``config.output_attentions`` is set: transformers then allows eager attention only, which stays.
 
 How: a patched module keeps its identity, parameters, buffers and hooks; only its class becomes
 a subclass of its own (``Patched<Name>``) whose ``forward`` runs the op on ``self``'s parameters,
@@ -208,7 +209,11 @@ def patch_model(model, backend: Optional[str] = None):
         module.__class__ = _patched_class(type(module))
         patched.append(name)
     original_attn = model.config._attn_implementation
-    model.set_attn_implementation("triton")
+    if model.config.output_attentions:  # transformers allows only eager then; the triton one returns no weights
+        warnings.warn(f"patch_model: attention keeps attn_implementation={original_attn!r}: "
+                      "config.output_attentions=True needs transformers' eager attention weights", stacklevel=2)
+    else:
+        model.set_attn_implementation("triton")
     setattr(model, _STATE, {"backend": backend, "attn_implementation": original_attn, "patched": patched,
                             "skipped": skipped})
     return model
