@@ -96,6 +96,8 @@ def outcomes(path: str) -> dict:
     result = {}
 
     def record(test_id, outcome, message):  # subtests report under their test's id: the worst outcome wins
+        parts = test_id.split(".")  # ids from the folder holding tests/, whatever pytest's rootdir was
+        test_id = ".".join(parts[parts.index("tests"):]) if "tests" in parts else test_id
         if test_id not in result or _RANK[outcome] > _RANK[result[test_id][0]]:
             result[test_id] = (outcome, message)
 

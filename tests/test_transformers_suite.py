@@ -55,18 +55,18 @@ def test_triton_mode_keeps_an_attention_the_test_asked_for(wrapped):
 def test_outcomes_worst_subtest_wins_and_diff_lists_regressions(tmp_path, capsys):
     base = tmp_path / "plain.xml"
     base.write_text('<testsuites><testsuite>'
-                    '<testcase classname="t.C" name="test_a"/>'
-                    '<testcase classname="t.C" name="test_b"/>'
-                    '<testcase classname="t.C" name="test_c"><skipped message="no hub"/></testcase>'
+                    '<testcase classname="tests.C" name="test_a"/>'
+                    '<testcase classname="tests.C" name="test_b"/>'
+                    '<testcase classname="tests.C" name="test_c"><skipped message="no hub"/></testcase>'
                     '</testsuite></testsuites>')
     other = tmp_path / "patched.jsonl"
-    entries = [("t.C::test_a", "passed", ""), ("t.C::test_a", "failed", "AssertionError: 0 != 2"),
-               ("t.C::test_a", "passed", ""), ("t.C::test_b", "passed", ""), ("t.C::test_c", "skipped", "")]
+    entries = [("tests.C::test_a", "passed", ""), ("run.tests.C::test_a", "failed", "AssertionError: 0 != 2"),
+               ("tests.C::test_a", "passed", ""), ("tests.C::test_b", "passed", ""), ("tests.C::test_c", "skipped", "")]
     other.write_text("".join(json.dumps({"id": i, "outcome": o, "message": m, "seconds": 0}) + "\n"
                              for i, o, m in entries))
-    assert suite.outcomes(str(base))["t.C::test_c"] == ("skipped", "no hub")
-    assert suite.outcomes(str(other)) == {"t.C::test_a": ("failed", "AssertionError: 0 != 2"),
-                                          "t.C::test_b": ("passed", ""), "t.C::test_c": ("skipped", "")}
+    assert suite.outcomes(str(base))["tests.C::test_c"] == ("skipped", "no hub")
+    assert suite.outcomes(str(other)) == {"tests.C::test_a": ("failed", "AssertionError: 0 != 2"),
+                                          "tests.C::test_b": ("passed", ""), "tests.C::test_c": ("skipped", "")}
     assert suite.main(["diff", str(base), str(other)]) == 0
     printed = capsys.readouterr().out
-    assert "passed in the baseline, not here: 1" in printed and "t.C::test_a" in printed
+    assert "passed in the baseline, not here: 1" in printed and "tests.C::test_a" in printed
