@@ -95,7 +95,7 @@ def outcomes(path: str) -> dict:
     skipped."""
     result = {}
 
-    def record(test_id, outcome, message):  # subtests report under their test's id: the worst outcome wins
+    def record(test_id, outcome, message):  # subtests report under their test's id: the last in _RANK wins
         parts = test_id.split(".")  # ids from the folder holding tests/, whatever pytest's rootdir was
         test_id = ".".join(parts[parts.index("tests"):]) if "tests" in parts else test_id
         if test_id not in result or _RANK[outcome] > _RANK[result[test_id][0]]:
@@ -119,7 +119,7 @@ def outcomes(path: str) -> dict:
     return result
 
 
-_RANK = {"skipped": 0, "passed": 1, "failed": 2, "error": 3}
+_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}  # junit xml too keeps a skipped subtest
 
 
 def counts(results: dict) -> dict:
