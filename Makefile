@@ -6,7 +6,8 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels learn clean
+.PHONY: install run test test-second-capability lint check-kernels bench bench-cpu gpu-check report wheels learn \
+        transformers-tests clean
 
 install: $(STAMP)
 
@@ -94,6 +95,23 @@ wheels:
 learn: $(STAMP)
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
 	$(PY) -m bench.learning.run --size $(or $(LEARN_SIZE),cpu)
+
+# transformers' own model tests (kept outside this repo: TRANSFORMERS_TESTS is a folder holding their tests/,
+# see bench/transformers_suite.py) with MODE=plain (transformers alone), patched (patch_model on every model
+# they build) or triton (attn_implementation="triton"); per-test outcomes to JUNIT at the end and to LOG as
+# they come; TESTS: a selection (@FILE: one test id a line, run in that order). Compare two runs with
+# `python -m bench.transformers_suite diff plain.xml patched.xml`. Plain takes ~40 min on 2 CPU cores; the
+# other modes run Triton's interpreter (seconds a forward) and take hours
+MODE  ?= plain
+JUNIT ?= $(TRANSFORMERS_TESTS)/junit-$(MODE).xml
+LOG   ?= $(TRANSFORMERS_TESTS)/outcomes-$(MODE).jsonl
+TESTS ?= tests/models/unispeech tests/models/unispeech_sat tests/models/wav2vec2 tests/models/hubert
+transformers-tests: $(STAMP)
+	test -d "$(TRANSFORMERS_TESTS)/tests/models" || (echo "TRANSFORMERS_TESTS=<dir with tests/models>"; exit 2)
+	cd $(TRANSFORMERS_TESTS) && PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(abspath $(PY)) -m pytest -q -p no:cacheprovider \
+	    -p bench.transformers_suite --kernels-mode $(MODE) --kernels-log $(abspath $(LOG)) \
+	    --junitxml=$(abspath $(JUNIT)) \
+	    -W ignore::pytest.PytestUnknownMarkWarning $(TESTS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_GPU_VENV) $(KERNEL_CACHE) build *.egg-info unispeech_kernels/_C*.so \

@@ -135,3 +135,26 @@ def test_a_module_that_cannot_be_patched_warns_and_keeps_its_forward():
     assert type(model.wav2vec2.feature_extractor) is wav2vec2_encoder
     assert type(model.wav2vec2.encoder.pos_conv_embed).__name__.startswith("Patched")
     unpatch_model(model)
+
+
+def test_a_model_configured_to_output_attentions_keeps_eager_attention():
+    # setting config.output_attentions=True makes transformers build eager attention and refuse any other:
+    # the triton one returns no weights, so patch_model leaves attention alone (and says so)
+    config = transformers.Wav2Vec2Config(**TINY, feat_extract_norm="layer", do_stable_layer_norm=True)
+    config.output_attentions = True
+    model = transformers.Wav2Vec2ForCTC(config).eval()
+    audio, mask = _batch()
+    with torch.no_grad():
+        expected = model(audio, attention_mask=mask).attentions
+    with pytest.warns(UserWarning, match="attention keeps attn_implementation='eager'.*output_attentions"):
+        patch_model(model)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        got = model(audio, attention_mask=mask).attentions
+    assert len(got) == len(expected) == TINY["num_hidden_layers"]
+    for layer, (weights, ref) in enumerate(zip(got, expected)):
+        for row, frames in enumerate(_real_frames(model, mask)):
+            assert_close(weights[row, :, frames, frames], ref[row, :, frames, frames], torch.float32,
+                         f"attention weights of layer {layer}, row {row}")
+    unpatch_model(model)
+    assert model.config._attn_implementation == "eager"

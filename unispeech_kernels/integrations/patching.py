@@ -8,7 +8,8 @@ Supported: UniSpeech, UniSpeechSat, Wav2Vec2, HuBERT and WavLM (base models and 
 - the positional conv (``*PositionalConvEmbedding``) -> ``unispeech_kernels.pos_conv_embed``
   with the weight norm folded once in inference (transformers adds the residual itself, so the
   op runs without it);
-- attention -> ``attn_implementation="triton"`` (registered with transformers on import); WavLM's
+- attention -> ``attn_implementation="triton"`` (registered with transformers on import; unless
+  ``config.output_attentions`` is set: transformers then allows eager attention only, which stays); WavLM's
   ``WavLMAttention`` (gated relative-position bias, outside transformers' attention interface) ->
   ``unispeech_kernels.rel_pos_attention`` with the layer's own projections and gate. The first
   layer passes its ``RelativePositionBias`` (the shared bucket table, no [B*H, T, T] tensor) down
@@ -312,7 +313,11 @@ def patch_model(model, backend: Optional[str] = None):
     original_attn = None  # WavLM: its attention modules are patched instead
     if _model_type(model) not in REL_POS_MODEL_TYPES:
         original_attn = model.config._attn_implementation
-        model.set_attn_implementation("triton")
+        if model.config.output_attentions:  # transformers allows only eager then; triton returns no weights
+            warnings.warn(f"patch_model: attention keeps attn_implementation={original_attn!r}: "
+                          "config.output_attentions=True needs transformers' eager attention weights", stacklevel=2)
+        else:
+            model.set_attn_implementation("triton")
     setattr(model, _STATE, {"backend": backend, "attn_implementation": original_attn, "patched": patched,
                             "skipped": skipped})
     return model
