@@ -521,11 +521,12 @@ _dq_tuned = autotuned("attention_bwd_dq", BWD_DQ_CONFIGS, _KEY, budget_pruner("B
 
 # HAS_BIAS: its own tuners, pruned with the bias tile counted. The forward leaves out (32, 32, 4, 2):
 # with dropout it spills 20 B on sm_90a (ptxas caps it at 128 registers). dQ runs fixed tiles, which
-# size its ddiag and scratch buffers: the one of (64|32, 64|32, 4|8 warps) with no spill on sm_80 and
-# sm_90a (ptxas), 32 rows, so mma.sync rather than wgmma.
+# size its ddiag and scratch buffers: 32 x 64 with 8 warps (180-231 registers), no spill on sm_80 and
+# sm_90a under triton 3.6 and 3.9 (4 warps: 238-250 registers, spills under 3.6); 32 rows, so
+# mma.sync rather than wgmma.
 FWD_BIAS_CONFIGS = [c for c in FWD_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (32, 32)]
 _fwd_bias_tuned = autotuned("rel_pos_attention_fwd", FWD_BIAS_CONFIGS, _KEY,
                             budget_pruner("BLOCK_M", 1, 1, bias=True))(_attn_fwd_kernel)
 _dkdv_bias_tuned = autotuned("rel_pos_attention_bwd_dkdv", BWD_DKDV_CONFIGS, _KEY,
                              budget_pruner("BLOCK_N", 2, 2, bias=True))(_attn_bwd_dkdv_kernel)
-DQ_BIAS_TILES = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+DQ_BIAS_TILES = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
