@@ -57,6 +57,7 @@ def init_runtime(device: Optional[str] = None, timeout_s: float = 1800.0) -> Run
 
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to rank 0's rendezvous store
         dist.destroy_process_group()
 
 
