@@ -1,4 +1,4 @@
-"""Batched CTC forced alignment (issue 19), every implementation side by side.
+"""Batched CTC forced alignment, every implementation side by side.
 
 DP cases: fp32 log-softmax of random logits, vocab 32 (blank 0), 50 frames per second, transcripts
 of 15 random labels per second (targets [B, L] padded with -100): 64 utterances of 4-16 s (seeded
